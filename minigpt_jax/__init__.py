@@ -1,0 +1,1 @@
+"""MiniGPT in JAX: config -> tokenizer -> corpus -> data -> model -> train -> runner -> report."""

@@ -1,0 +1,174 @@
+"""Configuration: the spec's constants, one frozen Config, the five experiments.
+
+- Field names are the PyTorch project's, so a user's `--set embed_dim=64` means
+  what it meant there.
+- Every value is checked at construction; the message names the field and the
+  allowed range, so a bad value never reaches a training run.
+- Experiments are named overrides of the baseline, in one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+VOCAB_SIZE = 50257  # GPT-2 vocabulary
+PAD_TOKEN_ID = 50256  # pads short chunks; ignored by the loss, masked as attention key
+SEQ_LEN = 64  # default chunk length
+SEQ_MIN, SEQ_MAX = 32, 128  # allowed seq_len; SEQ_MAX is also the positional table's size
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value outside its allowed range, or an unknown key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Model and training hyperparameters of one experiment."""
+
+    # model
+    vocab_size: int = VOCAB_SIZE  # token ids are in [0, vocab_size)
+    seq_len: int = SEQ_LEN  # tokens per chunk, in [SEQ_MIN, SEQ_MAX]
+    embed_dim: int = 128  # model width D; divisible by n_heads
+    n_heads: int = 4  # attention heads; head_dim = embed_dim // n_heads
+    n_layers: int = 2  # transformer blocks
+    ffn_mult: int = 4  # FFN hidden width = embed_dim * ffn_mult
+    dropout: float = 0.1  # attention-probability dropout, training only
+    max_len: int = SEQ_MAX  # rows of the positional table (the state-dict contract's 128)
+    dtype: str = "float32"  # compute dtype; parameters and loss stay float32
+    # training
+    lr: float = 5e-4  # constant AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (PyTorch's default)
+    batch_size: int = 32  # chunks per step
+    max_epochs: int = 1  # passes over the training chunks
+    seed: int = 42  # parameter init, shuffling, dropout and the held-out split
+    val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
+    eval_every: int = 50  # steps between validation passes (and one at the end)
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "str": str}[f.type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise ConfigError(
+                    f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}"
+                )
+        positive = ("vocab_size", "embed_dim", "n_heads", "n_layers", "ffn_mult",
+                    "max_len", "batch_size", "max_epochs", "eval_every", "ckpt_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer (>= 1)")
+        if self.vocab_size <= PAD_TOKEN_ID:
+            raise ConfigError(
+                f"vocab_size={self.vocab_size}: must be > {PAD_TOKEN_ID} so that PAD ({PAD_TOKEN_ID}) is a valid id"
+            )
+        if not SEQ_MIN <= self.seq_len <= SEQ_MAX:
+            raise ConfigError(f"seq_len={self.seq_len}: must be in [{SEQ_MIN}, {SEQ_MAX}]")
+        if self.seq_len > self.max_len:
+            raise ConfigError(f"seq_len={self.seq_len}: must be <= max_len={self.max_len}")
+        if self.embed_dim % self.n_heads:
+            raise ConfigError(
+                f"embed_dim={self.embed_dim}: must be divisible by n_heads={self.n_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}: must be > 0")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay={self.weight_decay}: must be >= 0")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 0.5]")
+        if self.seed < 0 or self.seed >= 2**32:
+            raise ConfigError(f"seed={self.seed}: must be in [0, 2**32)")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.embed_dim * self.ffn_mult
+
+    def replace(self, **overrides: Any) -> "Config":
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {', '.join(unknown)}; valid keys: {', '.join(field_names())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return cls().replace(**d)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def num_params(c: Config) -> int:
+    """Closed-form parameter count (the PyTorch state dict's numel)."""
+    d, f, v = c.embed_dim, c.ffn_dim, c.vocab_size
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (f * d + f) + (d * f + d)
+    return v * d + c.max_len * d + c.n_layers * block + 2 * d + v * d
+
+
+# The five experiments: named overrides of the baseline (the PyTorch project's table).
+BASELINE = Config()
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "lr_1e-3": {"lr": 1e-3},
+    "batch_size_16": {"batch_size": 16},
+    "n_layers_1": {"n_layers": 1},
+    "embed_dim_64": {"embed_dim": 64},
+}
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse a `--set key=value` string to the field's type, or raise ConfigError."""
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    if key not in types:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
+    kind = types[key]
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {kind}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=1e-3', 'n_layers=1'] -> {'lr': 0.001, 'n_layers': 1}."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-3")
+        out[key.strip()] = parse_value(key.strip(), text.strip())
+    return out
+
+
+def experiment_config(name: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The user's overrides change the baseline; the experiment's own go on top,
+    so `embed_dim_64` still means embed_dim 64 whatever else was set."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    merged = {**(overrides or {}), **EXPERIMENTS[name]}
+    return BASELINE.replace(**merged)

@@ -1,0 +1,15 @@
+import os
+
+# Six simulated CPU devices for the device-placement tests; must be set before JAX starts.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "6")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+from minigpt_jax.config import Config  # noqa: E402
+
+
+@pytest.fixture
+def tiny() -> Config:
+    """A model small enough for seconds-long tests (the vocabulary stays GPT-2's)."""
+    return Config(embed_dim=32, n_heads=2, n_layers=2, seq_len=32, batch_size=4, dropout=0.0)

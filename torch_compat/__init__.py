@@ -1,0 +1,1 @@
+"""PyTorch interop for minigpt_jax: .pt data, state dicts and a reference model."""
