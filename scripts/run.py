@@ -1,16 +1,30 @@
-"""Train the MiniGPT experiments and write their results under outcome/.
+"""Train the MiniGPT experiments and write curves, tables and checkpoints.
+
+Each experiment trains for max_epochs over the data (or --max-steps), holds out
+val_fraction of the chunks for validation, checkpoints every ckpt_every steps
+and at the end, and writes under --out:
+  metrics_<name>.csv, loss_curve_<name>.png, perplexity_curve_<name>.png,
+  loss_curves.png, perplexity_curves.png, results_table.txt, results_table.csv,
+  checkpoints/<name>/ (Orbax), mini_gpt_<name>.pt (PyTorch state dict).
 
 Examples:
-  python scripts/run.py                                 # all five, default corpus
-  python scripts/run.py --experiments baseline --max-steps 20
+  python scripts/run.py                                   # all five, default corpus
+  python scripts/run.py --devices 1,2,3,4,5               # experiment i on jax.devices()[devices[i]]
+  python scripts/run.py --experiments baseline --max-steps 20 --data data/
   python scripts/run.py --set seq_len=128 --set lr=3e-4
+  python scripts/run.py --resume                          # continue from the latest checkpoints
+
+Exit codes: 0 all finished; 1 an experiment failed; 2 bad input; 130 stopped by a signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import signal
 import sys
+import threading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
@@ -28,15 +42,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--experiments", default=",".join(cfg.EXPERIMENTS),
                    help="comma-separated experiments to run (default: all: %(default)s)")
+    p.add_argument("--devices", default=None, metavar="I,J,...",
+                   help="indices into jax.devices(): experiment i runs on devices[i], cycling when"
+                        " there are fewer devices than experiments; experiments on distinct devices"
+                        " run at the same time (default: all on the first device, one after another)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="tokenized_data.pt, sample_dataset.pt, or a folder holding one of them"
+                        " (needs torch; default: the embedded corpus of Python's own docs)")
     p.add_argument("--out", default=str(REPO / "outcome"),
-                   help="output folder for metrics, plots, tables and checkpoints (default: outcome/)")
+                   help="output folder (default: outcome/ in the repository)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field for every experiment, e.g. --set lr=3e-4;"
-                        f" repeatable. Keys: {', '.join(cfg.field_names())}")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop each experiment after N steps (default: max_epochs over the data)")
-    p.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=S")
+                   help="override a config field of the baseline, e.g. --set lr=3e-4 (repeatable;"
+                        " each experiment's own override still applies). Keys: "
+                        + ", ".join(cfg.field_names()))
+    p.add_argument("--max-steps", default=None, metavar="N",
+                   help="stop each experiment after N steps in all (default: max_epochs over the data)")
+    p.add_argument("--seed", default=None, metavar="S", help="shorthand for --set seed=S")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each experiment from its latest checkpoint under --out"
+                        " (the config must match); experiments without one start fresh")
     return p.parse_args(argv)
+
+
+class UsageError(Exception):
+    pass
 
 
 def fail(message: str) -> None:
@@ -44,36 +73,118 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def positive_int(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected a positive integer") from None
+    if n <= 0:
+        raise UsageError(f"{flag} {n}: must be a positive integer")
+    return n
+
+
+def check_arguments(args) -> tuple[dict, int | None]:
+    """Everything that needs no JAX: experiment names, overrides, integers."""
+    overrides = cfg.parse_overrides(args.overrides)
+    if args.seed is not None:
+        overrides["seed"] = cfg.parse_value("seed", args.seed)
+    names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--experiments is empty; valid: " + ", ".join(cfg.EXPERIMENTS))
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"--experiments names {', '.join(dupes)} twice")
+    configs = {n: cfg.experiment_config(n, overrides) for n in names}
+    return configs, positive_int("--max-steps", args.max_steps)
+
+
+def parse_devices(text: str | None, n_experiments: int) -> list:
+    import jax
+
+    devices = jax.devices()
+    listing = ", ".join(f"{i}={d.platform}:{d.id}" for i, d in enumerate(devices))
+    if text is None:
+        return [devices[0]] * n_experiments
+    indices = []
+    for part in text.split(","):
+        try:
+            indices.append(int(part))
+        except ValueError:
+            raise UsageError(f"--devices {text!r}: {part.strip()!r} is not an integer;"
+                             f" expected indices into jax.devices() ({listing})") from None
+    bad = [i for i in indices if not 0 <= i < len(devices)]
+    if bad:
+        raise UsageError(f"--devices {text}: index {bad[0]} is out of range; {len(devices)} devices"
+                         f" found, valid indices 0..{len(devices) - 1} ({listing})")
+    return [devices[indices[i % len(indices)]] for i in range(n_experiments)]
+
+
+def check_out_dir(out: pathlib.Path) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {probe} is not a writable folder")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = pathlib.Path(args.out)
     try:
-        overrides = cfg.parse_overrides(args.overrides)
-        if args.seed is not None:
-            overrides["seed"] = args.seed
-        names = [n.strip() for n in args.experiments.split(",") if n.strip()]
-        if not names:
-            raise cfg.ConfigError("--experiments is empty; valid: " + ", ".join(cfg.EXPERIMENTS))
-        configs = {n: cfg.experiment_config(n, overrides) for n in names}
-        if args.max_steps is not None and args.max_steps <= 0:
-            raise cfg.ConfigError(f"--max-steps {args.max_steps}: must be a positive integer")
-    except cfg.ConfigError as e:
+        configs, max_steps = check_arguments(args)
+        check_out_dir(out)
+    except (cfg.ConfigError, UsageError) as e:
         fail(str(e))
 
-    # Heavy imports after the arguments are known to be good: --help stays fast.
+    # Heavy imports once the arguments are known to be good: --help and errors stay fast.
     from minigpt_jax import corpus, data, report, runner
 
-    seqs = corpus.default_corpus()
-    out = pathlib.Path(args.out)
-    for i, (name, c) in enumerate(configs.items()):
-        try:
-            data.check_sequences(seqs, "default corpus", c.vocab_size)
-        except data.DataError as e:
-            fail(str(e))
-        chunks = data.chunk_sequences(seqs, c.seq_len)
-        train_chunks, _ = data.split_chunks(chunks, c.val_fraction, c.seed)
-        result = runner.train_experiment(name, c, train_chunks, args.max_steps, position=0)
-        report.write_metrics(out, name, result.rows)
-    return 0
+    try:
+        devices = parse_devices(args.devices, len(configs))
+        if args.data is not None:
+            import torch_compat
+
+            seqs, source = torch_compat.load_sequences(args.data)
+        else:
+            seqs, source = corpus.default_corpus(), "default corpus"
+        for c in configs.values():
+            data.check_sequences(seqs, source, c.vocab_size)
+        if args.resume:
+            runner.check_resumable(out, configs)
+    except (UsageError, data.DataError, runner.checkpoint.CheckpointError, ImportError) as e:
+        fail(str(e))
+
+    def chunks_for(c):
+        return data.split_chunks(data.chunk_sequences(seqs, c.seq_len), c.val_fraction, c.seed)
+
+    user = ", ".join(args.overrides)
+    experiments = [
+        runner.Experiment(name, c, dev, ", ".join(filter(None, [runner.describe(name), user])))
+        for (name, c), dev in zip(configs.items(), devices)
+    ]
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nrun.py: {signal.Signals(signum).name}: saving checkpoints and stopping"
+              " (send again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"run.py: {len(experiments)} experiment(s) on {source}; writing to {out}", file=sys.stderr)
+    results = runner.run_all(experiments, chunks_for, out, max_steps, args.resume, stop,
+                             on_result=lambda r: runner.write_experiment_outputs(out, r))
+    runner.write_summary(out, results)
+    for r in results:
+        print(f"  {r.name:<14} {r.status}", file=sys.stderr)
+    print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
+    if stop.is_set():
+        return 130
+    return 0 if all(r.status == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":
