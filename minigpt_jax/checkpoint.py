@@ -6,8 +6,9 @@ Layout: `<out>/checkpoints/<name>/<step>/` with three Orbax items:
 - `progress`: the grain iterator state (the next batch index: the stream is a
   random-access MapDataset) and the metrics rows so far, so a resumed run
   writes the same CSV and curves as one that never stopped.
-Saves are synchronous: the train step donates its state buffers, and on the
-CPU an async save could read a buffer the next step has already reused.
+The state is copied to host NumPy arrays and saved synchronously: the train
+step donates its buffers, so nothing may read them after the next step; and a
+checkpoint without a device layout restores on any machine.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def state_tree(state: TrainState) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
+def host_state_tree(state: TrainState) -> dict:
+    """The state as NumPy arrays: saved so, a checkpoint carries no device layout and
+    restores anywhere (any device count, plain Orbax without a target)."""
+    return jax.device_get(state_tree(state))
+
+
 def save(mngr: ocp.CheckpointManager, state: TrainState, config: Config, progress: dict) -> None:
     step = int(state.step)
     mngr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_tree(state)),
+            state=ocp.args.StandardSave(host_state_tree(state)),
             config=ocp.args.JsonSave(config.to_dict()),
             progress=ocp.args.JsonSave(progress),
         ),
@@ -89,19 +96,26 @@ def restore(mngr: ocp.CheckpointManager, step: int, config: Config, device=None)
     return state, got["progress"]
 
 
-def load_params(path: pathlib.Path) -> tuple[dict, Config, int]:
-    """Params, config and step of the latest checkpoint under an experiment folder
-    (or of one step folder), on the default device. For generation and export."""
+def locate(path: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """(experiment folder, step) for an experiment folder (its latest step) or a step folder."""
     path = pathlib.Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    if (path / "state").is_dir() and path.name.isdigit():
-        mngr, step = manager(path.parent), int(path.name)
-    else:
-        mngr = manager(path)
-        step = mngr.latest_step()
-        if step is None:
-            raise CheckpointError(f"{path}: no checkpoint found; expected an experiment folder under outcome/checkpoints/")
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise CheckpointError(
+            f"{path}: no checkpoint found; expected outcome/checkpoints/<name> or one of its step folders"
+        )
+    return path, steps[-1]
+
+
+def load_params(path: pathlib.Path) -> tuple[dict, Config, int]:
+    """Params, config and step of the latest checkpoint under an experiment folder
+    (or of one step folder), on the default device. For generation and export."""
+    directory, step = locate(path)
+    mngr = manager(directory)
     config = read_config(mngr, step)
     state, _ = restore(mngr, step, config)
     return state.params, config, step

@@ -284,7 +284,7 @@ def export_state_dict(out_dir: pathlib.Path, r: Result) -> pathlib.Path | None:
     """outcome/mini_gpt_<name>.pt, or one notice and None without torch."""
     try:
         import torch_compat
-        torch_compat.require_torch()
+        torch_compat.require_torch(f"exporting mini_gpt_{r.name}.pt")
     except ImportError as e:
         tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({str(e).splitlines()[0]})")
         return None

@@ -1,0 +1,55 @@
+"""Import a PyTorch state dict (.pt) as an Orbax checkpoint at step 0.
+
+The state dict may come from torch_compat.reference.MiniGPT, a torch.compile'd
+model (keys prefixed `_orig_mod.`) or be wrapped as {"model": state_dict}.
+vocab_size, embed_dim, n_layers, ffn_mult and max_len are read from the shapes;
+n_heads cannot be, so give --n-heads when it is not 4. The checkpoint holds a
+fresh AdamW state, so `scripts/run.py --resume` with the same config continues
+training from these weights, and scripts/generate.py samples from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="import_state_dict.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("state_dict", help="the .pt file to read (loaded with weights_only=True)")
+    p.add_argument("checkpoint", help="the experiment folder to write, e.g. outcome/checkpoints/imported")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads of the model (default: 4)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="training fields for the checkpoint's config (lr, batch_size, ...)")
+    args = p.parse_args(argv)
+
+    import torch_compat
+    from minigpt_jax import checkpoint, config as cfg
+    from minigpt_jax.train import create_state
+
+    out = pathlib.Path(args.checkpoint)
+    try:
+        overrides = cfg.parse_overrides(args.overrides)
+        if out.exists() and any(out.iterdir()):
+            raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose a new folder")
+        params, config = torch_compat.load_params(args.state_dict, n_heads=args.n_heads)
+        config = config.replace(**overrides)
+        state = create_state(config, params)
+        checkpoint.save(checkpoint.manager(out), state, config, {"next_batch": 0, "rows": [], "val_rows": []})
+    except (cfg.ConfigError, checkpoint.CheckpointError, torch_compat.StateDictError,
+            torch_compat.TorchMissingError, OSError) as e:
+        print(f"import_state_dict.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers}, n_heads {config.n_heads},"
+          f" vocab_size {config.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
