@@ -1,35 +1,123 @@
-"""scripts/run.py end to end, on tiny models, into tmp_path."""
+"""scripts/run.py end to end in subprocesses, on tiny models, into tmp_path."""
 
 import csv
+import math
 import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4"]
+TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4",
+        "--set", "eval_every=2", "--set", "ckpt_every=2"]
+NAMES = ["baseline", "lr_1e-3", "batch_size_16", "n_layers_1", "embed_dim_64"]
 
 
-def run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "run.py"), *args],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=600,
-    )
+def run(*args, script="run.py", timeout=900):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "6"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
-def test_two_experiments_write_metrics(tmp_path):
-    r = run("--experiments", "baseline,n_layers_1", "--max-steps", "3", "--out", str(tmp_path), *TINY)
-    assert r.returncode == 0, r.stderr
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    seqs = [torch.tensor(rng.integers(0, 50000, n)) for n in rng.integers(20, 150, 80)]
+    torch.save(seqs, folder / "tokenized_data.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_folder):
+    out = tmp_path_factory.mktemp("out")
+    r = run("--devices", "1,2,3,4,5", "--max-steps", 3, "--data", data_folder, "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_every_output_exists(full_run):
+    out, _ = full_run
+    expected = ["loss_curves.png", "perplexity_curves.png", "results_table.txt", "results_table.csv"]
+    for n in NAMES:
+        expected += [f"metrics_{n}.csv", f"loss_curve_{n}.png", f"perplexity_curve_{n}.png", f"mini_gpt_{n}.pt"]
+    missing = [f for f in expected if not (out / f).is_file()]
+    assert not missing
+    assert not [p for p in out.rglob("*.tmp*")], "temporary files left behind"
+    import matplotlib.image
+
+    for png in out.glob("*.png"):
+        img = matplotlib.image.imread(png)
+        assert img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.01, png
+
+
+def test_results_table_has_five_rows_of_finite_numbers_on_their_devices(full_run):
+    out, _ = full_run
+    rows = list(csv.DictReader(open(out / "results_table.csv")))
+    assert [r["experiment"] for r in rows] == NAMES
+    assert [r["device"] for r in rows] == [f"cpu:{i}" for i in (1, 2, 3, 4, 5)]
+    for r in rows:
+        assert r["status"] == "ok" and r["steps"] == "3"
+        for k in ("parameters", "tokens", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
+                  "wall_seconds", "tokens_per_second"):
+            assert math.isfinite(float(r[k])), (r["experiment"], k, r[k])
+    text = (out / "results_table.txt").read_text()
+    assert all(n in text for n in NAMES)
+
+
+def test_checkpoints_restore_with_plain_orbax(full_run):
+    import orbax.checkpoint as ocp
+
+    out, _ = full_run
+    for name, d in [("baseline", 32), ("embed_dim_64", 64)]:
+        mngr = ocp.CheckpointManager(out / "checkpoints" / name)
+        assert mngr.latest_step() == 3
+        got = mngr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      config=ocp.args.JsonRestore()))
+        params = got["state"]["params"]
+        assert params["token_embedding"]["embedding"].shape == (50257, d)
+        assert params["blocks_0"]["attn"]["qkv"]["kernel"].shape == (d, 3 * d)
+        assert int(got["state"]["step"]) == 3 and got["config"]["embed_dim"] == d
+
+
+def test_pt_exports_load_strictly_and_match_jax_logits(full_run):
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+
+    from minigpt_jax import checkpoint
+    from minigpt_jax.model import MiniGPT
+    from torch_compat import reference
+
+    out, _ = full_run
+    tokens = np.random.default_rng(1).integers(0, 50000, (2, 32))
     for name in ("baseline", "n_layers_1"):
-        rows = list(csv.DictReader(open(tmp_path / f"metrics_{name}.csv")))
-        assert [int(r["step"]) for r in rows] == [1, 2, 3]
-        tokens = [int(r["tokens"]) for r in rows]
-        assert tokens[0] > 0 and tokens == sorted(tokens)
-        for row in rows:
-            assert 0 < float(row["loss"]) < 20
-            assert float(row["perplexity"]) == pytest.approx(2.718281828 ** float(row["loss"]), rel=1e-5)
+        params, config, step = checkpoint.load_params(out / "checkpoints" / name)
+        model = reference.MiniGPT(config)
+        model.load_state_dict(torch.load(out / f"mini_gpt_{name}.pt", weights_only=True), strict=True)
+        model.eval()
+        with torch.no_grad():
+            want = model(torch.tensor(tokens)).numpy()
+        got = np.asarray(MiniGPT(config).apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_resume_via_cli_equals_straight_run(tmp_path, data_folder):
+    args = ["--experiments", "baseline", "--data", data_folder, *TINY, "--set", "dropout=0.1"]
+    a = run(*args, "--max-steps", 6, "--out", tmp_path / "a")
+    b1 = run(*args, "--max-steps", 4, "--out", tmp_path / "b")
+    b2 = run(*args, "--max-steps", 6, "--out", tmp_path / "b", "--resume")
+    assert a.returncode == b1.returncode == b2.returncode == 0, (a.stderr + b2.stderr)[-2000:]
+
+    def metrics(out):
+        return [(r["step"], r["tokens"], r["loss"], r["perplexity"])
+                for r in csv.DictReader(open(out / "metrics_baseline.csv"))]
+
+    assert len(metrics(tmp_path / "a")) == 6
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -38,10 +126,34 @@ def test_two_experiments_write_metrics(tmp_path):
     (["--set", "lr=fast"], "lr='fast': expected float"),
     (["--set", "seq_len=16"], "seq_len=16: must be in [32, 128]"),
     (["--max-steps", "0"], "--max-steps 0: must be a positive integer"),
+    (["--devices", "1,x"], "--devices '1,x': 'x' is not an integer; expected indices into jax.devices()"),
+    (["--devices", "0,9"], "--devices 0,9: index 9 is out of range; 6 devices found, valid indices 0..5"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
-    r = run("--out", str(tmp_path / "out"), *args)
+    r = run("--out", tmp_path / "out", *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_export_import_scripts(full_run, tmp_path):
+    pytest.importorskip("torch")
+    out, _ = full_run
+    r = run(out / "checkpoints" / "baseline", script="inspect_checkpoint.py")
+    assert r.returncode == 0, r.stderr
+    assert "step        3" in r.stdout and "lm_head.kernel" in r.stdout and "(32, 50257)" in r.stdout
+    assert "second moment (nu)" in r.stdout and "on disk" in r.stdout
+    r = run(out / "checkpoints" / "baseline", tmp_path / "x.pt", script="export_state_dict.py")
+    assert r.returncode == 0, r.stderr
+    r = run(tmp_path / "x.pt", tmp_path / "ckpt", "--n-heads", "2", script="import_state_dict.py")
+    assert r.returncode == 0, r.stderr
+    r = run(tmp_path / "ckpt", tmp_path / "y.pt", script="export_state_dict.py")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "x.pt").read_bytes() != b""
+    import torch
+
+    a, b = torch.load(tmp_path / "x.pt"), torch.load(tmp_path / "y.pt")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    r = run(tmp_path / "nothing", script="inspect_checkpoint.py")
+    assert r.returncode == 2 and "no such checkpoint folder" in r.stderr
