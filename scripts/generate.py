@@ -1,0 +1,118 @@
+"""Continue a text prompt with a trained MiniGPT.
+
+Examples:
+  python scripts/generate.py --checkpoint outcome/checkpoints/baseline --prompt "The list"
+  python scripts/generate.py --checkpoint outcome/mini_gpt_baseline.pt --prompt "Return the" \\
+      --temperature 0.8 --top-k 40 --seed 1
+  python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" --temperature 0
+
+Prints the prompt followed by its continuation. The same seed gives the same
+text; --temperature 0 is greedy. Prompts longer than the model's 128
+positions slide: only the last 128 tokens are seen. <|endoftext|> (the PAD
+id 50256) is never generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from minigpt_jax.config import VOCAB_SIZE  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="generate.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="an Orbax experiment folder (outcome/checkpoints/<name>: its latest step),"
+                        " one of its step folders, or a PyTorch state dict file ending in .pt")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (GPT-2 BPE)")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
+                   help="tokens to generate, >= 1 (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="softmax temperature, >= 0; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=40, metavar="K",
+                   help=f"sample only among the K most likely tokens, 0 <= K <= {VOCAB_SIZE};"
+                        " 0 is no filter (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="sampling seed in [0, 2**32); the same seed gives the same text (default: %(default)s)")
+    p.add_argument("--n-heads", type=int, default=4, metavar="H",
+                   help="attention heads of a .pt state dict, which its shapes do not record"
+                        " (default: %(default)s); Orbax checkpoints store their own config")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    print(f"generate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Argument errors that need no model, before the slow imports."""
+    if not args.prompt:
+        fail("--prompt is empty: give some text to continue")
+    if args.max_new_tokens < 1:
+        fail(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        fail(f"--temperature {args.temperature}: must be a finite number >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        fail(f"--top-k {args.top_k}: must be >= 0 (0 is no filter)")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed {args.seed}: must be in [0, 2**32)")
+    if args.n_heads < 1:
+        fail(f"--n-heads {args.n_heads}: must be >= 1")
+    if not pathlib.Path(args.checkpoint).exists():
+        fail(f"--checkpoint {args.checkpoint}: no such file or folder")
+
+
+def load(path: pathlib.Path, n_heads: int):
+    """(params, config) of an Orbax checkpoint folder or a .pt state dict."""
+    if path.is_file():
+        if path.suffix != ".pt":
+            fail(f"--checkpoint {path}: a file, but not a .pt state dict;"
+                 " expected a .pt file or an Orbax checkpoint folder")
+        import torch_compat  # lazily: only .pt files need torch
+
+        try:
+            return torch_compat.load_params(path, n_heads=n_heads)
+        except (torch_compat.StateDictError, torch_compat.TorchMissingError, ValueError) as e:
+            fail(str(e))
+    from minigpt_jax import checkpoint
+
+    try:
+        params, config, _ = checkpoint.load_params(path)
+    except checkpoint.CheckpointError as e:
+        fail(f"--checkpoint {e}")
+    return params, config
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check(args)
+    # Heavy imports after the arguments are known to be good: --help stays fast.
+    from minigpt_jax import generate
+
+    params, config = load(pathlib.Path(args.checkpoint), args.n_heads)
+    try:
+        text = generate.generate_text(
+            params, config, args.prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        )
+    except generate.GenerationError as e:
+        fail(str(e))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
