@@ -164,6 +164,7 @@ MALFORMED = {
     "strings as ids": (saved([[1, 2, "x"]]), r"sequence 0 holds a str \('x'\) at position 2; expected integer token ids"),
     "input_ids a string": (saved({"input_ids": "some text"}),
                            r"'input_ids' is a str \('some text'\); expected a 2-D integer tensor"),
+    "id beyond 64 bits": (saved([[1, 2**70]]), r"sequence 0 holds an id beyond 64 bits; expected token ids"),
     "float tensor": (saved([torch.tensor([1.0, 2.0, 3.0])]), r"sequence 0 has dtype float32; expected integer token ids"),
     "float input_ids": (saved({"input_ids": torch.rand(2, 5)}), r"'input_ids' has dtype torch.float32; expected integer token ids"),
     "3-D input_ids": (saved({"input_ids": torch.zeros(2, 3, 4, dtype=torch.long)}),

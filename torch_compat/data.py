@@ -57,7 +57,10 @@ def _as_ids(item: Any, file: pathlib.Path, i: int) -> np.ndarray:
                 raise DataError(
                     f"{file}: sequence {i} holds {describe(x)} at position {j}; expected integer token ids"
                 )
-        return np.asarray(item, dtype=np.int64).reshape(-1)
+        try:
+            return np.asarray(item, dtype=np.int64).reshape(-1)
+        except OverflowError:
+            raise DataError(f"{file}: sequence {i} holds an id beyond 64 bits; expected token ids") from None
     raise DataError(f"{file}: sequence {i} is {describe(item)}; expected a 1-D integer tensor")
 
 
