@@ -74,11 +74,11 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, config: Config, device=None) -> tuple[TrainState, dict]:
-    """The train state (on `device`) and progress saved at `step`."""
+def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=None) -> tuple[TrainState, dict]:
+    """The train state (laid out by `placement`, a minigpt_jax.placement.Placement) and progress saved at `step`."""
     fresh = create_state(config)
-    if device is not None:
-        fresh = jax.device_put(fresh, device)
+    if placement is not None:
+        fresh = placement.put(fresh)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(fresh))
     try:
         got = mngr.restore(

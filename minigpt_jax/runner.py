@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from minigpt_jax import checkpoint, data, report
 from minigpt_jax.config import Config, num_params
+from minigpt_jax.placement import Placement
 from minigpt_jax.train import create_state, eval_step, train_step
 
 LOG_EVERY = 10  # steps between host reads of the metrics (and bar updates)
@@ -41,8 +42,20 @@ LOG_EVERY = 10  # steps between host reads of the metrics (and bar updates)
 class Experiment:
     name: str
     config: Config
-    device: jax.Device
+    devices: tuple  # one device, or several for data parallelism
     overrides: str = ""  # human-readable overrides, for the results table
+
+    def __post_init__(self):
+        if isinstance(self.devices, jax.Device):
+            self.devices = (self.devices,)
+        self.devices = tuple(self.devices)
+        if self.config.batch_size % len(self.devices):
+            raise ValueError(f"{self.name}: batch_size={self.config.batch_size} is not divisible by"
+                             f" the {len(self.devices)} data-parallel devices")
+
+    @property
+    def label(self) -> str:
+        return Placement(self.devices).label
 
 
 @dataclasses.dataclass
@@ -100,6 +113,23 @@ def evaluate(state, val_batches: list) -> tuple[float, float]:
     return loss, float(np.exp(loss))
 
 
+def sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true in any process: every process must stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def block_end(step: int, total: int, c: Config) -> int:
     """The end (exclusive) of the block of steps that starts at `step`."""
     nxt = [total]
@@ -122,8 +152,10 @@ def run_experiment(
     position: int = 0,
     stop: threading.Event | None = None,
 ) -> Result:
-    """Train one experiment on its device; save checkpoints; return its metrics."""
-    c, dev = exp.config, exp.device
+    """Train one experiment on its device(s); save checkpoints; return its metrics."""
+    c = exp.config
+    place = Placement(exp.devices)
+    lead = jax.process_index() == 0  # only process 0 writes outputs; all write checkpoints
     start = time.perf_counter()
     ds = data.batch_dataset(train_chunks, c.batch_size, c.seed, c.max_epochs)
     total = len(ds) if max_steps is None else min(max_steps, len(ds))
@@ -131,23 +163,25 @@ def run_experiment(
     rows: list[dict] = []
     val_rows: list[dict] = []
     prior_seconds = 0.0  # training time of earlier invocations (resume)
-    if not resume and ckpt_path.exists():
+    if not resume and ckpt_path.exists() and lead:
         shutil.rmtree(ckpt_path)  # a fresh run replaces the old one
+    sync(f"fresh {exp.name}")
     mngr = checkpoint.manager(ckpt_path)
     latest = mngr.latest_step() if resume else None
     if latest is not None:
-        state, progress = checkpoint.restore(mngr, latest, c, dev)
+        state, progress = checkpoint.restore(mngr, latest, c, place)
         rows, val_rows = progress["rows"], progress["val_rows"]
         prior_seconds = rows[-1]["seconds"] if rows else 0.0
     else:
-        with jax.default_device(dev):
-            state = jax.device_put(create_state(c), dev)
-    rng = jax.device_put(jax.random.key(c.seed + 1), dev)
-    val_batches = [jax.device_put(b, dev) for b in data.eval_batches(val_chunks, c.batch_size)]
+        init_device = place.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]
+        with jax.default_device(init_device):  # initialise where it will live
+            state = place.put(create_state(c))
+    rng = place.put(jax.random.PRNGKey(c.seed + 1))
+    val_batches = [place.put_batch(b) for b in data.eval_batches(val_chunks, c.batch_size)]
     step = int(state.step)
     tokens = rows[-1]["tokens"] if rows else 0
     status = "ok"
-    bar = tqdm(total=total, initial=step, desc=f"{exp.name} [{dev.platform}:{dev.id}]",
+    bar = tqdm(total=total, initial=step, desc=f"{exp.name} [{place.label}]", disable=not lead,
                position=position, unit="step", dynamic_ncols=True, leave=True)
 
     def progress() -> dict:
@@ -155,7 +189,8 @@ def run_experiment(
 
     def save() -> None:
         checkpoint.save(mngr, state, c, progress())
-        report.write_metrics(out_dir, exp.name, rows)
+        if lead:
+            report.write_metrics(out_dir, exp.name, rows)
 
     t0 = time.perf_counter() - prior_seconds
     batches = data.batch_iterator(ds, step, c.num_workers)
@@ -164,7 +199,7 @@ def run_experiment(
             end = block_end(step, total, c)
             pending = []
             for _ in range(end - step):
-                new_state, metrics = train_step(state, jax.device_put(next(batches), dev), rng)
+                new_state, metrics = train_step(state, place.put_batch(next(batches)), rng)
                 state = new_state
                 pending.append(metrics)
             host = jax.device_get(pending)
@@ -180,7 +215,7 @@ def run_experiment(
             if step % c.eval_every == 0 or step == total:
                 vl, vp = evaluate(state, val_batches) if val_batches else (math.nan, math.nan)
                 val_rows.append({"step": step, "tokens": tokens, "val_loss": vl, "val_perplexity": vp})
-            stopping = stop is not None and stop.is_set() and step < total
+            stopping = any_process(stop is not None and stop.is_set()) and step < total
             if step % c.ckpt_every == 0 or step == total or stopping:
                 save()
             bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", ppl=f"{rows[-1]['perplexity']:.1f}",
@@ -195,12 +230,13 @@ def run_experiment(
             traceback.print_exc()
         status = f"failed: {reason}"
         state = None
-        if rows:  # keep what was measured up to the last good block
+        if rows and lead:  # keep what was measured up to the last good block
             report.write_metrics(out_dir, exp.name, rows)
     finally:
         bar.close()
-    devices = frozenset(d for leaf in jax.tree_util.tree_leaves(state) for d in leaf.devices()) if state else frozenset()
-    return Result(exp.name, c, f"{dev.platform}:{dev.id}", rows, val_rows, time.perf_counter() - start,
+    devices = frozenset(d for leaf in jax.tree_util.tree_leaves(state) for d in leaf.devices()) \
+        if state is not None else frozenset()
+    return Result(exp.name, c, place.label, rows, val_rows, time.perf_counter() - start,
                   status, exp.overrides, devices, state)
 
 
@@ -219,24 +255,22 @@ def run_all(
     in the experiment's thread as soon as it finishes (exports, per-experiment plots).
     """
     results: dict[int, Result] = {}
-    by_device: dict[jax.Device, list[int]] = {}
+    by_device: dict[tuple, list[int]] = {}
     for i, e in enumerate(experiments):
-        by_device.setdefault(e.device, []).append(i)
+        by_device.setdefault(e.devices, []).append(i)
 
     def worker(indices: list[int]) -> None:
         for i in indices:
             e = experiments[i]
             if stop is not None and stop.is_set():
-                results[i] = Result(e.name, e.config, f"{e.device.platform}:{e.device.id}", [], [], 0.0,
-                                    "stopped before start", e.overrides)
+                results[i] = Result(e.name, e.config, e.label, [], [], 0.0, "stopped before start", e.overrides)
                 continue
             try:
                 train_chunks, val_chunks = chunks_for(e.config)
                 r = run_experiment(e, train_chunks, val_chunks, out_dir, max_steps, resume, i, stop)
             except Exception as ex:
                 reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-                r = Result(e.name, e.config, f"{e.device.platform}:{e.device.id}", [], [], 0.0,
-                           f"failed: {reason}", e.overrides)
+                r = Result(e.name, e.config, e.label, [], [], 0.0, f"failed: {reason}", e.overrides)
             if on_result is not None:
                 try:
                     on_result(r)
@@ -244,8 +278,8 @@ def run_all(
                     r.status = f"failed: writing outputs: {ex}"
             results[i] = r
 
-    threads = [threading.Thread(target=worker, args=(idx,), name=f"minigpt-{d}", daemon=True)
-               for d, idx in by_device.items()]
+    threads = [threading.Thread(target=worker, args=(idx,), name=f"minigpt-{n}", daemon=True)
+               for n, idx in enumerate(by_device.values())]
     for t in threads:
         t.start()
     for t in threads:
@@ -295,6 +329,8 @@ def export_state_dict(out_dir: pathlib.Path, r: Result) -> pathlib.Path | None:
 
 def write_experiment_outputs(out_dir: pathlib.Path, r: Result) -> None:
     """Metrics CSV, its two curves and the PyTorch export, as soon as it finishes."""
+    if jax.process_index() != 0:
+        return
     if r.rows:
         report.write_metrics(out_dir, r.name, r.rows)
         report.plot_experiment(out_dir, r.name, r.rows, r.val_rows)
@@ -304,5 +340,7 @@ def write_experiment_outputs(out_dir: pathlib.Path, r: Result) -> None:
 
 def write_summary(out_dir: pathlib.Path, results: list[Result]) -> None:
     """The comparison plots and the results tables."""
+    if jax.process_index() != 0:
+        return
     report.plot_comparison(out_dir, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
     report.write_results_table(out_dir, [r.table_row() for r in results])

@@ -13,6 +13,8 @@ Examples:
   python scripts/run.py --experiments baseline --max-steps 20 --data data/
   python scripts/run.py --set seq_len=128 --set lr=3e-4
   python scripts/run.py --resume                          # continue from the latest checkpoints
+  python scripts/run.py --data-parallel --devices 0,1,2,3 # each experiment's batches split over 4 devices
+  python scripts/run.py --data-parallel --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
 
 Exit codes: 0 all finished; 1 an experiment failed; 2 bad input; 130 stopped by a signal.
 """
@@ -58,6 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", default=None, metavar="N",
                    help="stop each experiment after N steps in all (default: max_epochs over the data)")
     p.add_argument("--seed", default=None, metavar="S", help="shorthand for --set seed=S")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="train one experiment at a time, each batch split over all --devices"
+                        " (default: every device, of every process) with replicated parameters;"
+                        " batch_size must be divisible by the number of devices")
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
+                   help="multi-process run: address of process 0's coordinator, passed to"
+                        " jax.distributed.initialize (env JAX_COORDINATOR_ADDRESS); only process 0"
+                        " writes outputs, checkpoints are written collectively")
+    p.add_argument("--num-processes", default=os.environ.get("JAX_NUM_PROCESSES"), metavar="N",
+                   help="multi-process run: number of processes (env JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", default=os.environ.get("JAX_PROCESS_ID"), metavar="I",
+                   help="multi-process run: this process's index, 0..N-1 (env JAX_PROCESS_ID)")
     p.add_argument("--resume", action="store_true",
                    help="continue each experiment from its latest checkpoint under --out"
                         " (the config must match); experiments without one start fresh")
@@ -100,13 +114,14 @@ def check_arguments(args) -> tuple[dict, int | None]:
     return configs, positive_int("--max-steps", args.max_steps)
 
 
-def parse_devices(text: str | None, n_experiments: int) -> list:
+def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False) -> list:
+    """Per experiment, the tuple of devices it runs on."""
     import jax
 
     devices = jax.devices()
     listing = ", ".join(f"{i}={d.platform}:{d.id}" for i, d in enumerate(devices))
     if text is None:
-        return [devices[0]] * n_experiments
+        return [tuple(devices) if data_parallel else (devices[0],)] * n_experiments
     indices = []
     for part in text.split(","):
         try:
@@ -118,7 +133,32 @@ def parse_devices(text: str | None, n_experiments: int) -> list:
     if bad:
         raise UsageError(f"--devices {text}: index {bad[0]} is out of range; {len(devices)} devices"
                          f" found, valid indices 0..{len(devices) - 1} ({listing})")
-    return [devices[indices[i % len(indices)]] for i in range(n_experiments)]
+    if data_parallel:
+        if len(set(indices)) != len(indices):
+            raise UsageError(f"--devices {text}: a device is listed twice; data parallelism needs distinct devices")
+        return [tuple(devices[i] for i in indices)] * n_experiments
+    return [(devices[indices[i % len(indices)]],) for i in range(n_experiments)]
+
+
+def init_distributed(args) -> None:
+    """jax.distributed.initialize from the flags, before anything asks JAX for devices."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(v is None for v in given):
+        return
+    if any(v is None for v in given):
+        raise UsageError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+    n = positive_int("--num-processes", args.num_processes)
+    try:
+        pid = int(args.process_id)
+    except ValueError:
+        raise UsageError(f"--process-id {args.process_id!r}: expected an integer in 0..{n - 1}") from None
+    if not 0 <= pid < n:
+        raise UsageError(f"--process-id {pid}: expected an integer in 0..{n - 1}")
+    import jax
+
+    # CPU devices need gloo for collectives across processes; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, n, pid)
 
 
 def check_out_dir(out: pathlib.Path) -> None:
@@ -142,7 +182,12 @@ def main(argv=None) -> int:
     from minigpt_jax import corpus, data, report, runner
 
     try:
-        devices = parse_devices(args.devices, len(configs))
+        init_distributed(args)
+        devices = parse_devices(args.devices, len(configs), args.data_parallel)
+        for name, c in configs.items():
+            if c.batch_size % len(devices[0]):
+                raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"
+                                 f" {len(devices[0])} data-parallel devices")
         if args.data is not None:
             import torch_compat
 
@@ -161,8 +206,8 @@ def main(argv=None) -> int:
 
     user = ", ".join(args.overrides)
     experiments = [
-        runner.Experiment(name, c, dev, ", ".join(filter(None, [runner.describe(name), user])))
-        for (name, c), dev in zip(configs.items(), devices)
+        runner.Experiment(name, c, devs, ", ".join(filter(None, [runner.describe(name), user])))
+        for (name, c), devs in zip(configs.items(), devices)
     ]
     stop = threading.Event()
 
@@ -179,9 +224,10 @@ def main(argv=None) -> int:
     results = runner.run_all(experiments, chunks_for, out, max_steps, args.resume, stop,
                              on_result=lambda r: runner.write_experiment_outputs(out, r))
     runner.write_summary(out, results)
-    for r in results:
-        print(f"  {r.name:<14} {r.status}", file=sys.stderr)
-    print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
+    if runner.jax.process_index() == 0:
+        for r in results:
+            print(f"  {r.name:<14} {r.status}", file=sys.stderr)
+        print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
     if stop.is_set():
         return 130
     return 0 if all(r.status == "ok" for r in results) else 1
