@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     # Heavy imports once the arguments are known to be good: --help and errors stay fast.
     from minigpt_jax import corpus, data, report, runner
 
+    runner.enable_compilation_cache()
+
     try:
         init_distributed(args)
         devices = parse_devices(args.devices, len(configs), args.data_parallel)
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
         if args.data is not None:
             import torch_compat
 
-            seqs, source = torch_compat.load_sequences(args.data)
+            seqs, source = torch_compat.load_sequences(
+                args.data, vocab_size=max(c.vocab_size for c in configs.values()))
         else:
             seqs, source = corpus.default_corpus(), "default corpus"
         for c in configs.values():

@@ -3,6 +3,13 @@ import os
 # Six simulated CPU devices for the device-placement tests; must be set before JAX starts.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "6")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the session, inherited by the scripts the
+# tests start: the same tiny step compiles once, not once per subprocess.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minigpt-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # noqa: E402
 
