@@ -129,7 +129,9 @@ class MiniGPT(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BL: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, tokens_BL: jax.Array, train: bool = False, hidden: bool = False) -> jax.Array:
+        """Logits (B, L, V); with hidden=True, the final-LayerNorm output (B, L, D)
+        instead, for a caller that applies `lm_head` itself (train.py's fused head)."""
         c = self.config
         L = tokens_BL.shape[1]
         if L > c.max_len:
@@ -143,6 +145,8 @@ class MiniGPT(nn.Module):
         for i in range(c.n_layers):
             h_BLD = Block(c, name=f"blocks_{i}")(h_BLD, key_is_pad_BL, train)
         h_BLD = LayerNorm("ln_f")(h_BLD).astype(jnp.dtype(c.dtype))
+        if hidden:
+            return h_BLD
         logits = Linear(c.vocab_size, c.embed_dim, "lm_head", jnp.dtype(c.dtype), use_bias=False)(h_BLD)
         return logits.astype(jnp.float32)
 
