@@ -22,6 +22,7 @@ import dataclasses
 import math
 import pathlib
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -82,22 +83,27 @@ class Result:
     def table_row(self) -> dict:
         last = self.rows[-1] if self.rows else {}
         val = self.val_rows[-1] if self.val_rows else {}
-        return {
+        # the mean of the last smoothing window: the end of the plotted curve, not one noisy batch
+        loss = float(report.smooth([r["loss"] for r in self.rows])[-1]) if self.rows else None
+        with np.errstate(over="ignore"):
+            ppl = float(np.exp(loss)) if loss is not None else None
+        row = {
             "experiment": self.name,
             "overrides": self.overrides,
             "parameters": num_params(self.config),
             "device": self.device,
             "steps": self.steps,
             "tokens": self.tokens,
-            # the mean of the last smoothing window: the end of the plotted curve, not one noisy batch
-            "train_loss": float(report.smooth([r["loss"] for r in self.rows])[-1]) if self.rows else None,
-            "train_perplexity": float(np.exp(report.smooth([r["loss"] for r in self.rows])[-1])) if self.rows else None,
+            "train_loss": loss,
+            "train_perplexity": ppl,
             "val_loss": val.get("val_loss"),
             "val_perplexity": val.get("val_perplexity"),
             "wall_seconds": round(self.seconds, 2),
             "tokens_per_second": round(self.tokens / last["seconds"], 1) if last.get("seconds") else None,
             "status": self.status,
         }
+        # A diverging run's losses overflow exp(); an infinite cell is left empty ("-"), as NaN is.
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,7 +116,8 @@ def evaluate(state, val_batches: list) -> tuple[float, float]:
     loss_sum = float(sum(s["loss_sum"] for s in sums))
     n = float(sum(s["tokens"] for s in sums))
     loss = loss_sum / max(n, 1.0)
-    return loss, float(np.exp(loss))
+    with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
+        return loss, float(np.exp(loss))
 
 
 def sync(name: str) -> None:
@@ -176,9 +183,11 @@ def run_experiment(
     if not resume and ckpt_path.exists() and lead:
         shutil.rmtree(ckpt_path)  # a fresh run replaces the old one
     sync(f"fresh {exp.name}")
-    mngr = checkpoint.manager(ckpt_path)
+    mngr = checkpoint.manager(ckpt_path, cleanup_tmp=True)
     latest = mngr.latest_step() if resume else None
     if latest is not None:
+        if lead:
+            tqdm.write(f"{exp.name}: resuming at step {latest} from {ckpt_path / str(latest)}", file=sys.stderr)
         state, progress = checkpoint.restore(mngr, latest, c, place)
         rows, val_rows = progress["rows"], progress["val_rows"]
         prior_seconds = rows[-1]["seconds"] if rows else 0.0
@@ -306,21 +315,35 @@ def describe(name: str) -> str:
 
 
 def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config]) -> None:
-    """Before any training: each existing checkpoint must be readable and of the same config."""
+    """Before any training: each existing latest checkpoint must be complete, readable
+    in full and of the same config; CheckpointError (one line, with what to do) if not."""
     for name, c in configs.items():
         path = checkpoint_dir(out_dir, name)
         if not path.exists():
             continue
+        if not path.is_dir():
+            raise checkpoint.CheckpointError(
+                f"--resume: {path} is not a folder; expected the Orbax checkpoints of {name}")
         mngr = checkpoint.manager(path)
-        step = mngr.latest_step()
-        if step is None:
+        steps = mngr.all_steps()
+        if not steps:
             continue
-        saved = checkpoint.read_config(mngr, step)
-        diffs = checkpoint.config_differences(saved, c)
+        step = steps[-1]
+        try:
+            saved = checkpoint.read_config(mngr, step)
+            diffs = checkpoint.config_differences(saved, c)
+            if not diffs:
+                checkpoint.verify(mngr, step, c)
+        except checkpoint.CheckpointError as e:
+            instead = f"resume from step {steps[-2]}" if len(steps) > 1 else f"start {name} afresh"
+            raise checkpoint.CheckpointError(
+                f"--resume: checkpoint {e}; expected a complete checkpoint: delete {path / str(step)}"
+                f" to {instead}, or run without --resume") from None
         if diffs:
             raise checkpoint.CheckpointError(
                 f"--resume: checkpoint {path}/{step} was made with another config"
-                f" ({'; '.join(diffs)} [saved vs now])"
+                f" ({'; '.join(diffs)} [saved vs now]); expected the same config: --set the saved"
+                " values, or run without --resume to start afresh"
             )
 
 
