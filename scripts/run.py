@@ -26,6 +26,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import threading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -162,11 +163,19 @@ def init_distributed(args) -> None:
 
 
 def check_out_dir(out: pathlib.Path) -> None:
+    """The output folder, or the part of its path that exists, must take a new entry. Tried
+    for real, leaving nothing: root passes every permission check, yet /proc or a read-only
+    mount still refuse."""
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {probe} is not a writable folder")
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is not a folder; expected a writable folder")
+    try:
+        tempfile.TemporaryDirectory(dir=probe, prefix=".run-py-write-test-").cleanup()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create anything in {probe} ({e.strerror});"
+                         " expected a writable folder") from None
 
 
 def main(argv=None) -> int:
@@ -216,7 +225,7 @@ def main(argv=None) -> int:
 
     def on_signal(signum, frame):
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # the second signal: abort (below)
         stop.set()
         print(f"\nrun.py: {signal.Signals(signum).name}: saving checkpoints and stopping"
               " (send again to abort)", file=sys.stderr)
@@ -224,9 +233,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     print(f"run.py: {len(experiments)} experiment(s) on {source}; writing to {out}", file=sys.stderr)
-    results = runner.run_all(experiments, chunks_for, out, max_steps, args.resume, stop,
-                             on_result=lambda r: runner.write_experiment_outputs(out, r))
-    runner.write_summary(out, results)
+    try:
+        results = runner.run_all(experiments, chunks_for, out, max_steps, args.resume, stop,
+                                 on_result=lambda r: runner.write_experiment_outputs(out, r))
+        runner.write_summary(out, results)
+    except KeyboardInterrupt:
+        # Leave now, without waiting for the experiments' threads: every output is written to a
+        # temporary name and renamed, every checkpoint commits by a rename, so what exists is whole.
+        print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues from them)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     if runner.jax.process_index() == 0:
         for r in results:
             print(f"  {r.name:<14} {r.status}", file=sys.stderr)
