@@ -322,10 +322,12 @@ def _cell(v, kind: str, for_csv: bool) -> str:
     if kind == "text":
         s = _text(v)
         return s if for_csv or len(s) <= TXT_TEXT_MAX else s[:TXT_TEXT_MAX - 3] + "..."
+    if not math.isfinite(float(v)):  # a diverged run: say so rather than crash on int(inf)
+        return repr(float(v)) if for_csv else str(float(v))
     if for_csv:
         return str(int(v)) if kind == "int" else repr(float(v))
-    return {"int": f"{int(v):,}", "loss": f"{float(v):.4f}", "ppl": f"{float(v):,.2f}",
-            "seconds": f"{float(v):,.1f}", "rate": f"{float(v):,.0f}"}[kind]
+    formats = {"int": "{:,}", "loss": "{:.4f}", "ppl": "{:,.2f}", "seconds": "{:,.1f}", "rate": "{:,.0f}"}
+    return formats[kind].format(int(v) if kind == "int" else float(v))
 
 
 def _complete(result: Mapping) -> dict:

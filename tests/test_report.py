@@ -211,3 +211,12 @@ def test_unknown_result_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown result keys \['val_los'\]; valid: experiment"):
         report.write_results_table(tmp_path, [{"experiment": "baseline", "val_los": 5.0}])
     assert not list(tmp_path.iterdir())
+
+
+def test_infinite_values_render_instead_of_crashing(tmp_path):
+    results = [{"experiment": "diverged", "steps": 7, "train_loss": float("inf"),
+                "train_perplexity": float("inf"), "status": "failed: non-finite loss at step 7"}]
+    report.write_results_table(tmp_path, results)
+    assert "inf" in (tmp_path / "results_table.txt").read_text()
+    row = next(csv.DictReader(open(tmp_path / "results_table.csv")))
+    assert row["train_loss"] == "inf" and row["steps"] == "7"
