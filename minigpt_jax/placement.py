@@ -25,7 +25,8 @@ class Placement:
         self.devices = tuple(devices)
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
-        self.rows = NamedSharding(self.mesh, P("data"))
+        self.rows = NamedSharding(self.mesh, P("data"))  # (B, L) batches
+        self.stacked_rows = NamedSharding(self.mesh, P(None, "data"))  # (K, B, L) blocks of batches
 
     @property
     def size(self) -> int:

@@ -118,3 +118,17 @@ def test_block_boundaries_depend_only_on_absolute_step():
     assert runner.block_end(0, 1000, c) == 10
     assert runner.block_end(5, 1000, c) == 10
     assert runner.block_end(95, 97, c) == 97
+
+
+def test_fused_blocks_match_single_steps_and_resume_at_block_boundaries(tmp_path, chunks):
+    """The accelerator path (whole LOG_EVERY blocks in one dispatch), forced on the CPU."""
+    tr, va = chunks
+    c = small(dropout=0.1, eval_every=10, ckpt_every=10)
+    exp = runner.Experiment("baseline", c, jax.devices()[3])
+    single = runner.run_experiment(exp, tr, va, tmp_path / "s", max_steps=12, fuse=False)
+    fused = runner.run_experiment(exp, tr, va, tmp_path / "f", max_steps=12, fuse=True)
+    np.testing.assert_allclose([r["loss"] for r in fused.rows], [r["loss"] for r in single.rows], rtol=1e-6)
+    assert [r["tokens"] for r in fused.rows] == [r["tokens"] for r in single.rows]
+    runner.run_experiment(exp, tr, va, tmp_path / "r", max_steps=10, fuse=True)
+    resumed = runner.run_experiment(exp, tr, va, tmp_path / "r", max_steps=12, resume=True, fuse=True)
+    assert key(resumed.rows) == key(fused.rows)
