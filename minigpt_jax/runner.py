@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from minigpt_jax import checkpoint, data, report
 from minigpt_jax.config import Config, num_params
 from minigpt_jax.placement import Placement
-from minigpt_jax.train import create_state, eval_step, train_step, train_steps, tune_host_allocator  # noqa: F401
+from minigpt_jax.train import create_state, eval_step, train_step, train_steps
 
 LOG_EVERY = 10  # steps between host reads of the metrics (and bar updates)
 

@@ -96,7 +96,7 @@ def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(rng, step)
 
 
-HEAD_CHUNK = 512  # LM-head rows per loop iteration: (512, 50257) float32 is 100 MB; measured in BENCHMARKS.md
+HEAD_CHUNK = 256  # LM-head rows per loop iteration; smaller wastes less on a partly-PAD last chunk (BENCHMARKS.md)
 
 
 def _head_chunk(h_CD, kernel_DV, labels_C, weights_C, with_grads: bool):

@@ -188,10 +188,10 @@ def main(argv=None) -> int:
         fail(str(e))
 
     # Heavy imports once the arguments are known to be good: --help and errors stay fast.
-    from minigpt_jax import corpus, data, report, runner
+    from minigpt_jax import corpus, data, report, runner, train
 
     runner.enable_compilation_cache()
-    runner.tune_host_allocator()  # before the first computation: see BENCHMARKS.md
+    train.tune_host_allocator()  # before the first computation: see BENCHMARKS.md
 
     try:
         init_distributed(args)
