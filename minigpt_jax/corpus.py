@@ -24,7 +24,7 @@ import numpy as np
 
 from minigpt_jax import tokenizer
 
-DEFAULT_CORPUS_TOKENS = 65_536  # cap on the default corpus; sets the README run's time
+DEFAULT_CORPUS_TOKENS = 98_304  # cap on the default corpus; sets the README run's time
 CORPUS_SEED = 0
 _FORMAT = 1  # bump when the way documents are built changes
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
