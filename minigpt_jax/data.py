@@ -18,7 +18,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from minigpt_jax.config import PAD_TOKEN_ID, VOCAB_SIZE, Config
+from minigpt_jax.config import PAD_TOKEN_ID, VOCAB_SIZE
 
 
 class DataError(ValueError):
@@ -115,7 +115,3 @@ def batch_iterator(ds: grain.MapDataset, start: int, num_workers: int):
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
-
-
-def num_batches(config: Config, num_chunks: int) -> int:
-    return steps_per_epoch(num_chunks, config.batch_size) * config.max_epochs
