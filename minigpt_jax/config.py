@@ -16,7 +16,9 @@ from typing import Any
 VOCAB_SIZE = 50257  # GPT-2 vocabulary
 PAD_TOKEN_ID = 50256  # pads short chunks; ignored by the loss, masked as attention key
 SEQ_LEN = 64  # default chunk length
-SEQ_MIN, SEQ_MAX = 32, 128  # allowed seq_len; SEQ_MAX is also the positional table's size
+SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (SPEC, Data)
+SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
+SEGMENTATIONS = ("pytorch", "chunks")  # SPEC's rule (their data.py), or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
 
 
@@ -30,13 +32,12 @@ class Config:
 
     # model
     vocab_size: int = VOCAB_SIZE  # token ids are in [0, vocab_size)
-    seq_len: int = SEQ_LEN  # tokens per chunk, in [SEQ_MIN, SEQ_MAX]
+    seq_len: int = SEQ_LEN  # tokens per training sequence; also the positional table's rows
     embed_dim: int = 128  # model width D; divisible by n_heads
     n_heads: int = 4  # attention heads; head_dim = embed_dim // n_heads
     n_layers: int = 2  # transformer blocks
     ffn_mult: int = 4  # FFN hidden width = embed_dim * ffn_mult
     dropout: float = 0.1  # attention-probability dropout, training only
-    max_len: int = SEQ_MAX  # rows of the positional table (the state-dict contract's 128)
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
     # training
     lr: float = 5e-4  # constant AdamW learning rate
@@ -48,6 +49,7 @@ class Config:
     eval_every: int = 50  # steps between validation passes (and one at the end)
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
+    segmentation: str = "pytorch"  # "pytorch": SPEC's rule (32..128 kept whole, longer cut); "chunks": every token
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -58,7 +60,7 @@ class Config:
                     f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}"
                 )
         positive = ("vocab_size", "embed_dim", "n_heads", "n_layers", "ffn_mult",
-                    "max_len", "batch_size", "max_epochs", "eval_every", "ckpt_every")
+                    "batch_size", "max_epochs", "eval_every", "ckpt_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer (>= 1)")
@@ -66,10 +68,14 @@ class Config:
             raise ConfigError(
                 f"vocab_size={self.vocab_size}: must be > {PAD_TOKEN_ID} so that PAD ({PAD_TOKEN_ID}) is a valid id"
             )
-        if not SEQ_MIN <= self.seq_len <= SEQ_MAX:
-            raise ConfigError(f"seq_len={self.seq_len}: must be in [{SEQ_MIN}, {SEQ_MAX}]")
-        if self.seq_len > self.max_len:
-            raise ConfigError(f"seq_len={self.seq_len}: must be <= max_len={self.max_len}")
+        if self.segmentation not in SEGMENTATIONS:
+            raise ConfigError(
+                f"segmentation={self.segmentation!r}: must be one of {', '.join(SEGMENTATIONS)}")
+        # SPEC's rule keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
+        low = SEQ_MIN if self.segmentation == "pytorch" else 2
+        if not low <= self.seq_len <= SEQ_LEN_MAX:
+            why = " (segmentation=pytorch keeps segments of at least 32 tokens)" if low == SEQ_MIN else ""
+            raise ConfigError(f"seq_len={self.seq_len}: must be in [{low}, {SEQ_LEN_MAX}]{why}")
         if self.embed_dim % self.n_heads:
             raise ConfigError(
                 f"embed_dim={self.embed_dim}: must be divisible by n_heads={self.n_heads}"
@@ -124,7 +130,7 @@ def num_params(c: Config) -> int:
     """Closed-form parameter count (the PyTorch state dict's numel)."""
     d, f, v = c.embed_dim, c.ffn_dim, c.vocab_size
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (f * d + f) + (d * f + d)
-    return v * d + c.max_len * d + c.n_layers * block + 2 * d + v * d
+    return v * d + c.seq_len * d + c.n_layers * block + 2 * d + v * d
 
 
 # The five experiments: named overrides of the baseline (the PyTorch project's table).

@@ -1,12 +1,12 @@
 """Text generation from trained parameters: one jitted sampling loop.
 
-- The context lives in a fixed (1, W) token buffer, W = config.max_len (128),
+- The context lives in a fixed (1, W) token buffer, W = config.seq_len (the positional rows, 64 at baseline),
   right-padded with PAD until it is full. Because attention is causal and
   positions are absolute (0..L-1), the logits read at the last real position
   are exactly the model's logits on the unpadded context: the PAD positions
   lie in its future and are never seen.
 - Contexts longer than W slide: the window keeps the last W tokens, which then
-  sit at positions 0..W-1 (what the PyTorch original did with `idx[:, -max_len:]`).
+  sit at positions 0..W-1 (what the PyTorch original did with `idx[:, -seq_len:]`).
 - No KV cache: every step runs the model over the whole window. The LM head is
   applied to the one position that is read (the full-window head is dead code
   that XLA removes), so a step costs the blocks, not W vocabulary rows.
@@ -57,7 +57,7 @@ def window_logits(params, config: Config, window_1W: jax.Array, n: jax.Array) ->
     h_D = state["intermediates"]["ln_f"]["__call__"][0][0, n - 1]
     dtype = jnp.dtype(config.dtype)
     head = nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
-    logits_V = head.apply({"params": params["lm_head"]}, h_D.astype(dtype))
+    logits_V = head.apply({"params": params["head"]}, h_D.astype(dtype))
     return logits_V.astype(jnp.float32)
 
 
@@ -117,7 +117,7 @@ def generate(
     seed: int = 0,
 ) -> np.ndarray:
     """The max_new_tokens ids (int32 array) that follow prompt_ids; only the last
-    config.max_len prompt tokens are seen."""
+    config.seq_len prompt tokens are seen."""
     check_arguments(config, max_new_tokens, temperature, top_k)
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     if prompt.size == 0:
@@ -125,7 +125,7 @@ def generate(
     bad = prompt[(prompt < 0) | (prompt >= config.vocab_size)]
     if bad.size:
         raise GenerationError(f"prompt token {int(bad[0])} is outside [0, {config.vocab_size})")
-    W = config.max_len
+    W = config.seq_len
     context = prompt[-W:]
     window = np.full((1, W), PAD_TOKEN_ID, dtype=np.int32)
     window[0, : context.size] = context

@@ -1,12 +1,15 @@
-"""MiniGPT in Flax linen, equal number for number to the PyTorch reference.
+"""MiniGPT in Flax linen, equal number for number to the PyTorch project's model.py
+called with a causal mask (SPEC, Model).
 
-- Submodule names are the PyTorch state-dict names (`blocks_{i}` for
-  `blocks.{i}`), so conversion is one table plus one transpose rule.
+- Submodule names are the PyTorch state-dict names (`layers_{i}` for
+  `layers.{i}`, `pos`/`embed` for `pos.embed`), so conversion is one table
+  plus one transpose rule.
 - Initial values follow PyTorch's defaults: Embedding N(0, 1); Linear weight
   and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm ones and zeros.
-- Masked scores use finite negatives: PAD keys get -1e9 and future keys the
-  float32 minimum, so a query whose visible keys are all PAD attends uniformly
-  over those (no NaN) and still never sees the future.
+- Attention is causal only: position t sees keys 0..t, PAD keys included (PAD
+  labels carry no loss, and a causal mask keeps trailing PADs from reaching
+  earlier positions). Future keys get -inf, as their masked_fill does; every
+  row keeps its diagonal, so no row is all -inf and nothing is NaN.
 - Softmax and LayerNorm statistics are float32 whatever the compute dtype.
 """
 
@@ -15,14 +18,10 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 import jax.numpy as jnp
 from flax import linen as nn
 
-from minigpt_jax.config import PAD_TOKEN_ID, Config
-
-PAD_SCORE = -1e9  # score of a PAD key (finite: an all-PAD row stays NaN-free)
-FUTURE_SCORE = float(np.finfo(np.float32).min)  # below PAD_SCORE: never attended
+from minigpt_jax.config import Config
 
 
 def torch_linear_bias_init(fan_in: int):
@@ -60,40 +59,39 @@ def Embedding(num: int, features: int, name: str) -> nn.Embed:
 
 
 class PositionalEmbedding(nn.Module):
-    """Learned positions 0..L-1 from a table of max_len rows."""
+    """Learned positions 0..L-1 from a table of seq_len rows (their `pos.embed`)."""
 
     config: Config
 
     @nn.compact
     def __call__(self, length: int) -> jax.Array:
-        table = Embedding(self.config.max_len, self.config.embed_dim, name="embedding")
+        table = Embedding(self.config.seq_len, self.config.embed_dim, name="embed")
         return table(jnp.arange(length))
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a key-padding mask."""
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention under a causal mask."""
 
     config: Config
 
     @nn.compact
-    def __call__(self, x_BLD, key_is_pad_BL, train: bool) -> jax.Array:
+    def __call__(self, x_BLD, train: bool) -> jax.Array:
         c = self.config
         B, L, D = x_BLD.shape
         dtype = jnp.dtype(c.dtype)
         qkv = Linear(3 * D, D, "qkv", dtype)(x_BLD).reshape(B, L, 3, c.n_heads, c.head_dim)
-        q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores_BHLL = jnp.einsum("bqhk,bthk->bhqt", q_BLHK, k_BLHK).astype(jnp.float32)
-        scores_BHLL = scores_BHLL / math.sqrt(c.head_dim)
-        scores_BHLL = jnp.where(key_is_pad_BL[:, None, None, :], PAD_SCORE, scores_BHLL)
+        q_BLHDh, k_BLHDh, v_BLHDh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores_BHLL = jnp.einsum("bqhk,bthk->bhqt", q_BLHDh, k_BLHDh).astype(jnp.float32)
+        scores_BHLL = scores_BHLL * c.head_dim**-0.5
         causal_LL = jnp.tril(jnp.ones((L, L), dtype=bool))
-        scores_BHLL = jnp.where(causal_LL, scores_BHLL, FUTURE_SCORE)
+        scores_BHLL = jnp.where(causal_LL, scores_BHLL, -jnp.inf)
         probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1)
         probs_BHLL = nn.Dropout(c.dropout, deterministic=not train)(probs_BHLL)
-        out_BLHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHLL.astype(dtype), v_BLHK)
-        return Linear(D, D, "out_proj", dtype)(out_BLHK.reshape(B, L, D))
+        out_BLHDh = jnp.einsum("bhqt,bthk->bqhk", probs_BHLL.astype(dtype), v_BLHDh)
+        return Linear(D, D, "proj", dtype)(out_BLHDh.reshape(B, L, D))
 
 
-class FeedForward(nn.Module):
+class FFN(nn.Module):
     """Linear -> exact (erf) GELU -> Linear; no dropout."""
 
     config: Config
@@ -107,19 +105,16 @@ class FeedForward(nn.Module):
         return Linear(c.embed_dim, c.ffn_dim, "fc2", dtype)(h_BLF)
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     """Pre-norm transformer block: h + attn(ln1(h)), then h + ffn(ln2(h))."""
 
     config: Config
 
     @nn.compact
-    def __call__(self, h_BLD, key_is_pad_BL, train: bool) -> jax.Array:
+    def __call__(self, h_BLD, train: bool) -> jax.Array:
         dtype = jnp.dtype(self.config.dtype)
-        a = CausalSelfAttention(self.config, name="attn")(
-            LayerNorm("ln1")(h_BLD).astype(dtype), key_is_pad_BL, train
-        )
-        h_BLD = h_BLD + a
-        f = FeedForward(self.config, name="ffn")(LayerNorm("ln2")(h_BLD).astype(dtype))
+        h_BLD = h_BLD + MultiHeadAttention(self.config, name="attn")(LayerNorm("ln1")(h_BLD).astype(dtype), train)
+        f = FFN(self.config, name="ffn")(LayerNorm("ln2")(h_BLD).astype(dtype))
         return h_BLD + f
 
 
@@ -131,23 +126,22 @@ class MiniGPT(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, train: bool = False, hidden: bool = False) -> jax.Array:
         """Logits (B, L, V); with hidden=True, the final-LayerNorm output (B, L, D)
-        instead, for a caller that applies `lm_head` itself (train.py's fused head)."""
+        instead, for a caller that applies `head` itself (train.py's fused head)."""
         c = self.config
         L = tokens_BL.shape[1]
-        if L > c.max_len:
-            raise ValueError(f"sequence length {L} exceeds max_len={c.max_len}")
-        h_BLD = Embedding(c.vocab_size, c.embed_dim, "token_embedding")(tokens_BL)
-        h_BLD = h_BLD + PositionalEmbedding(c, name="pos_embedding")(L)
+        if L > c.seq_len:
+            raise ValueError(f"sequence length {L} exceeds seq_len={c.seq_len} (the positional table's rows)")
+        h_BLD = Embedding(c.vocab_size, c.embed_dim, "embed")(tokens_BL)
+        h_BLD = h_BLD + PositionalEmbedding(c, name="pos")(L)
         # A no-op unless a 'perturbations' collection is passed: lets tests take
         # gradients with respect to the input embeddings.
         h_BLD = self.perturb("embeddings", h_BLD)
-        key_is_pad_BL = tokens_BL == PAD_TOKEN_ID
         for i in range(c.n_layers):
-            h_BLD = Block(c, name=f"blocks_{i}")(h_BLD, key_is_pad_BL, train)
+            h_BLD = TransformerBlock(c, name=f"layers_{i}")(h_BLD, train)
         h_BLD = LayerNorm("ln_f")(h_BLD).astype(jnp.dtype(c.dtype))
         if hidden:
             return h_BLD
-        logits = Linear(c.vocab_size, c.embed_dim, "lm_head", jnp.dtype(c.dtype), use_bias=False)(h_BLD)
+        logits = Linear(c.vocab_size, c.embed_dim, "head", jnp.dtype(c.dtype), use_bias=False)(h_BLD)
         return logits.astype(jnp.float32)
 
 

@@ -162,7 +162,7 @@ def _fused_head(h_ND, kernel_DV, labels_N, weights_N, with_grads: bool):
 def lm_head_ce_sum(h_ND, kernel_DV, labels_N, weights_N) -> jax.Array:
     """sum_n weights_n * cross_entropy(h_n @ kernel, labels_n), without the (N, V) logits.
 
-    h_ND is in the compute dtype, kernel_DV the float32 `lm_head` kernel (cast
+    h_ND is in the compute dtype, kernel_DV the float32 `head` kernel (cast
     to h's dtype for the matmuls, which accumulate in float32); softmax and the
     sum are float32. Differentiable in h and kernel.
     """
@@ -195,7 +195,7 @@ def head_loss(h_BLD: jax.Array, kernel_DV: jax.Array, tokens_BL: jax.Array) -> t
 
 def _loss_fn(params, apply_fn, tokens_BL, dropout_rng):
     h_BLD = apply_fn({"params": params}, tokens_BL, train=True, hidden=True, rngs={"dropout": dropout_rng})
-    return head_loss(h_BLD, params["lm_head"]["kernel"], tokens_BL)
+    return head_loss(h_BLD, params["head"]["kernel"], tokens_BL)
 
 
 def _step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
@@ -225,5 +225,5 @@ def train_steps(state: TrainState, batches_KBL: jax.Array, rng: jax.Array) -> tu
 def eval_step(state: TrainState, batch: jax.Array) -> dict:
     """Summed loss and label count of a batch, without dropout."""
     h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
-    loss, n_labels = head_loss(h_BLD, state.params["lm_head"]["kernel"], batch)
+    loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
     return {"loss_sum": loss * n_labels, "tokens": n_labels}
