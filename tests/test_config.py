@@ -7,7 +7,7 @@ from minigpt_jax.config import Config, ConfigError
 def test_baseline_matches_spec():
     c = cfg.experiment_config("baseline")
     assert (c.vocab_size, c.seq_len, c.embed_dim, c.n_heads, c.n_layers, c.ffn_mult) == (50257, 64, 128, 4, 2, 4)
-    assert (c.lr, c.batch_size, c.max_epochs, c.dropout, c.max_len) == (5e-4, 32, 1, 0.1, 128)
+    assert (c.lr, c.batch_size, c.max_epochs, c.dropout, c.segmentation) == (5e-4, 32, 1, 0.1, "pytorch")
 
 
 def test_experiments_are_overrides_of_baseline():
@@ -23,8 +23,10 @@ def test_experiments_are_overrides_of_baseline():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"seq_len": 31}, "seq_len=31: must be in [32, 128]"),
-    ({"seq_len": 129}, "seq_len=129: must be in [32, 128]"),
+    ({"seq_len": 31}, "seq_len=31: must be in [32, 4096] (segmentation=pytorch keeps segments of at least 32"),
+    ({"seq_len": 1, "segmentation": "chunks"}, "seq_len=1: must be in [2, 4096]"),
+    ({"seq_len": 4097}, "seq_len=4097: must be in [32, 4096]"),
+    ({"segmentation": "tokens"}, "segmentation='tokens': must be one of pytorch, chunks"),
     ({"embed_dim": 130}, "embed_dim=130: must be divisible by n_heads=4"),
     ({"embed_dim": 0}, "embed_dim=0: must be a positive integer"),
     ({"n_heads": -1}, "n_heads=-1: must be a positive integer"),

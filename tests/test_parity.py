@@ -1,9 +1,11 @@
 """JAX MiniGPT vs the PyTorch reference: forward, loss, gradients, 50 AdamW steps, round trips.
 
 Baseline width (embed_dim 128, 4 heads, 2 layers) with the full 50257 vocabulary,
-float32 on CPU, batch 4 x seq_len 64 with PAD suffixes, a PAD in the middle and
-a leading PAD. Tolerances are the issue's; the measured differences are printed
-(pytest -s) so a regression shows how far it moved.
+float32 on CPU, batch 4 x seq_len 64 with PAD suffixes, a PAD in the middle, a
+leading PAD and an all-PAD row. The reference is the PyTorch project's model
+called with mask=causal_mask(L) (SPEC), compared at every position, PAD or not.
+Tolerances are the issue's; the measured differences are printed (pytest -s)
+so a regression shows how far it moved.
 """
 
 import jax
@@ -23,13 +25,18 @@ CONFIG = Config(dropout=0.0)  # baseline width, full vocabulary; dropout 0 so bo
 
 
 def make_batch(seed: int) -> np.ndarray:
-    """(4, 64) ids: a PAD suffix, a PAD in the middle, a leading PAD, and a full row."""
-    tokens = np.random.default_rng(seed).integers(0, PAD_TOKEN_ID, (4, CONFIG.seq_len))
+    """(5, 64) ids: a PAD suffix, a PAD in the middle, a leading PAD, a full row, all PAD."""
+    tokens = np.random.default_rng(seed).integers(0, PAD_TOKEN_ID, (5, CONFIG.seq_len))
     tokens[0, 40:] = PAD_TOKEN_ID
     tokens[1, 20] = PAD_TOKEN_ID
     tokens[2, 0] = PAD_TOKEN_ID
     tokens[2, 50:] = PAD_TOKEN_ID
+    tokens[4] = PAD_TOKEN_ID
     return tokens.astype(np.int32)
+
+
+def reference_model(config: Config = CONFIG) -> "ref.MiniGPT":
+    return ref.MiniGPT.from_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def jax_params():
 
 
 def reference_with(params) -> "ref.MiniGPT":
-    model = ref.MiniGPT(CONFIG)
+    model = reference_model()
     model.load_state_dict(to_state_dict(params), strict=True)
     return model.eval()
 
@@ -49,7 +56,7 @@ def jax_logits(params, tokens) -> np.ndarray:
 
 def torch_logits(model, tokens) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.from_numpy(tokens).long()).numpy()
+        return ref.causal_logits(model, torch.from_numpy(tokens).long()).numpy()
 
 
 def test_forward_jax_params_exported_to_reference(jax_params):
@@ -57,14 +64,14 @@ def test_forward_jax_params_exported_to_reference(jax_params):
     lj, lt = jax_logits(jax_params, tokens), torch_logits(reference_with(jax_params), tokens)
     diff = np.abs(lj - lt).max()
     print(f"forward, JAX init -> reference: max |dlogits| = {diff:.3g}")
-    assert lj.shape == (4, CONFIG.seq_len, CONFIG.vocab_size)
+    assert lj.shape == (5, CONFIG.seq_len, CONFIG.vocab_size)
     assert lj.std() > 0.1  # real logits, not a degenerate output
     assert diff <= 1e-5
 
 
 def test_forward_reference_init_imported_to_jax():
     torch.manual_seed(0)
-    model = ref.MiniGPT(CONFIG).eval()  # PyTorch's own initializers
+    model = reference_model().eval()  # PyTorch's own initializers
     params, config = from_state_dict(model.state_dict(), n_heads=CONFIG.n_heads)
     assert (config.vocab_size, config.embed_dim, config.n_layers) == (50257, 128, 2)
     tokens = make_batch(1)
@@ -77,7 +84,7 @@ def test_forward_reference_init_imported_to_jax():
 def test_parity_test_detects_a_wrong_head_count(jax_params):
     """The same weights read with another n_heads give other logits: the check above can fail."""
     tokens = make_batch(0)
-    other = ref.MiniGPT(CONFIG.replace(n_heads=2))
+    other = reference_model(CONFIG.replace(n_heads=2))
     other.load_state_dict(to_state_dict(jax_params), strict=True)
     assert np.abs(jax_logits(jax_params, tokens) - torch_logits(other.eval(), tokens)).max() > 1e-3
 
@@ -91,7 +98,7 @@ def test_loss_and_every_gradient_agree(jax_params):
     loss_j, grads_j = jax.jit(jax.value_and_grad(loss_fn))(jax_params)
     model = reference_with(jax_params)
     tokens_t = torch.from_numpy(tokens).long()
-    loss_t, n_labels = ref.masked_lm_loss(model(tokens_t), tokens_t)
+    loss_t, n_labels = ref.masked_lm_loss(ref.causal_logits(model, tokens_t), tokens_t)
     loss_t.backward()
 
     assert n_labels.item() == (tokens[:, 1:] != PAD_TOKEN_ID).sum()
@@ -146,7 +153,7 @@ def test_fifty_adamw_steps_agree(jax_params):
 
 def test_round_trip_params_state_dict_params_is_bit_exact(jax_params):
     back, config = from_state_dict(to_state_dict(jax_params), n_heads=4)
-    assert config.replace(seq_len=CONFIG.seq_len) == Config()
+    assert config == Config()
     flat_a = jax.tree_util.tree_leaves_with_path(jax_params)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(back))
     assert len(flat_a) == len(flat_b)
@@ -158,9 +165,20 @@ def test_round_trip_params_state_dict_params_is_bit_exact(jax_params):
 
 def test_round_trip_state_dict_params_state_dict_is_bit_exact():
     torch.manual_seed(1)
-    sd = ref.MiniGPT(CONFIG).state_dict()
+    sd = reference_model().state_dict()
     again = to_state_dict(from_state_dict(sd)[0])
     assert list(again) == list(sd)
     for key in sd:
         assert again[key].dtype == sd[key].dtype == torch.float32
         assert torch.equal(again[key].view(torch.int32), sd[key].view(torch.int32)), key
+
+
+def test_their_unmasked_forward_sees_the_future(jax_params):
+    """Why parity names the causal mask: their model called as their training loop did
+    (mask=None) attends to later tokens, so its logits are other numbers."""
+    tokens = make_batch(3)
+    model = reference_with(jax_params)
+    with torch.no_grad():
+        unmasked = model(torch.from_numpy(tokens).long()).numpy()
+    lj = jax_logits(jax_params, tokens)
+    assert np.abs(lj[:, :-1] - unmasked[:, :-1]).max() > 1e-2

@@ -202,8 +202,8 @@ DATA_CASES = {
     "only sequences shorter than 2 tokens": (pt([torch.tensor([5]), torch.tensor([], dtype=torch.long)]), [], r"every sequence is shorter than 2 tokens; expected at least one with 2 or more"),
 }
 ARG_CASES = {
-    "seq_len below 32": (["--set", "seq_len=16"], r"seq_len=16: must be in \[32, 128\]"),
-    "seq_len above 128": (["--set", "seq_len=129"], r"seq_len=129: must be in \[32, 128\]"),
+    "seq_len below 32": (["--set", "seq_len=16"], r"seq_len=16: must be in \[32, 4096\]"),
+    "seq_len above 4096": (["--set", "seq_len=4097"], r"seq_len=4097: must be in \[32, 4096\]"),
     "embed_dim not divisible by n_heads": (["--experiments", "baseline", "--set", "embed_dim=30"], r"embed_dim=30: must be divisible by n_heads=4"),
     "zero batch size": (["--set", "batch_size=0"], r"batch_size=0: must be a positive integer \(>= 1\)"),
     "negative batch size": (["--set", "batch_size=-8"], r"batch_size=-8: must be a positive integer \(>= 1\)"),

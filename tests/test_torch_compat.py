@@ -262,41 +262,44 @@ def tiny_params():
 
 def test_state_dict_keys_shapes_and_order_are_the_contract(tiny, tiny_params):
     sd = to_state_dict(tiny_params)
-    model_sd = ref.MiniGPT(tiny).state_dict()
+    model_sd = ref.MiniGPT.from_config(tiny).state_dict()
     assert list(sd) == list(model_sd)
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in model_sd.items()}
     assert [(k, s) for k, _, s in torch_compat.contract(tiny)] == [(k, tuple(v.shape)) for k, v in sd.items()]
-    assert sd["blocks.1.attn.qkv.weight"].shape == (96, 32) and sd["lm_head.weight"].shape == (VOCAB_SIZE, 32)
+    assert sd["layers.1.attn.qkv.weight"].shape == (96, 32) and sd["head.weight"].shape == (VOCAB_SIZE, 32)
     assert sum(v.numel() for v in sd.values()) == num_params(tiny)
     assert all(v.dtype == torch.float32 for v in sd.values())
 
 
 def test_linear_weights_are_transposed_kernels(tiny_params):
     sd = to_state_dict(tiny_params)
-    kernel = np.asarray(tiny_params["blocks_0"]["ffn"]["fc1"]["kernel"])  # (in, out)
-    np.testing.assert_array_equal(sd["blocks.0.ffn.fc1.weight"].numpy(), kernel.T)
-    np.testing.assert_array_equal(sd["lm_head.weight"].numpy(), np.asarray(tiny_params["lm_head"]["kernel"]).T)
+    kernel = np.asarray(tiny_params["layers_0"]["ffn"]["fc1"]["kernel"])  # (in, out)
+    np.testing.assert_array_equal(sd["layers.0.ffn.fc1.weight"].numpy(), kernel.T)
+    np.testing.assert_array_equal(sd["head.weight"].numpy(), np.asarray(tiny_params["head"]["kernel"]).T)
 
 
 def test_strict_import_lists_every_problem_at_once(tiny_params, tiny):
     sd = dict(to_state_dict(tiny_params))
-    del sd["ln_f.bias"], sd["blocks.1.ffn.fc2.bias"]
-    sd["blocks.0.attn.qkv.weight"] = torch.zeros(32, 96)  # transposed by mistake
-    sd["blocks.0.attn.mask"] = torch.ones(3)
-    sd["lm_head.bias"] = torch.zeros(VOCAB_SIZE)
+    del sd["ln_f.bias"], sd["layers.1.ffn.fc2.bias"]
+    sd["layers.0.attn.qkv.weight"] = torch.zeros(32, 96)  # transposed by mistake
+    sd["layers.0.attn.mask"] = torch.ones(3)
+    sd["head.bias"] = torch.zeros(VOCAB_SIZE)
     with pytest.raises(StateDictError) as e:
         from_state_dict(sd, tiny)
     msg = one_line(e)
-    for needle in ("missing keys: blocks.1.ffn.fc2.bias, ln_f.bias", "unexpected keys: blocks.0.attn.mask, lm_head.bias",
-                   "blocks.0.attn.qkv.weight has shape (32, 96) (expected (96, 32))"):
+    for needle in ("missing keys: layers.1.ffn.fc2.bias, ln_f.bias", "unexpected keys: head.bias, layers.0.attn.mask",
+                   "layers.0.attn.qkv.weight has shape (32, 96) (expected (96, 32))"):
         assert needle in msg, msg
 
 
 def test_compiled_and_wrapped_state_dicts_load(tiny_params, tiny):
     sd = to_state_dict(tiny_params)
-    for variant in ({f"_orig_mod.{k}": v for k, v in sd.items()}, {"model": sd, "optimizer": {}, "step": 3},
-                    {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}}):
-        params, _ = from_state_dict(variant, tiny)
+    prefixed = lambda prefix: {f"{prefix}{k}": v for k, v in sd.items()}  # noqa: E731
+    for variant in (prefixed("_orig_mod."), prefixed("module."), prefixed("module._orig_mod."),
+                    {"model": sd, "optimizer": {}, "step": 3}, {"state_dict": sd, "epoch": 1},
+                    {"model": prefixed("_orig_mod.")}, {"state_dict": prefixed("module.")}):
+        params, config = from_state_dict(variant, n_heads=tiny.n_heads)
+        assert config == tiny.replace(dropout=Config().dropout, batch_size=Config().batch_size)
         np.testing.assert_array_equal(params["ln_f"]["scale"], tiny_params["ln_f"]["scale"])
 
 
@@ -304,15 +307,15 @@ def test_config_is_inferred_from_shapes_and_n_heads_given():
     c = Config(embed_dim=48, n_heads=3, n_layers=3, ffn_mult=2, seq_len=40)
     sd = to_state_dict(fake_params(c))
     _, inferred = from_state_dict(sd, n_heads=3)
-    assert (inferred.vocab_size, inferred.embed_dim, inferred.n_layers, inferred.ffn_mult, inferred.max_len,
-            inferred.n_heads) == (VOCAB_SIZE, 48, 3, 2, 128, 3)
+    assert (inferred.vocab_size, inferred.embed_dim, inferred.n_layers, inferred.ffn_mult, inferred.seq_len,
+            inferred.n_heads) == (VOCAB_SIZE, 48, 3, 2, 40, 3)
     with pytest.raises(StateDictError, match="embed_dim=48: must be divisible by n_heads=5"):
         from_state_dict(sd, n_heads=5)
     assert from_state_dict(to_state_dict(fake_params(Config())))[1].n_heads == 4
 
 
 def test_a_config_that_does_not_match_is_an_error(tiny_params, tiny):
-    with pytest.raises(StateDictError, match=r"n_layers=3.*missing keys: blocks\.2\.ln1\.weight"):
+    with pytest.raises(StateDictError, match=r"n_layers=3.*missing keys: layers\.2\.ln1\.weight"):
         from_state_dict(to_state_dict(tiny_params), tiny.replace(n_layers=3))
 
 
@@ -327,9 +330,9 @@ def test_non_tensor_and_integer_values_are_reported(tiny_params, tiny):
 def test_half_precision_state_dict_is_widened_to_float32(tiny_params, tiny):
     sd = {k: v.bfloat16() for k, v in to_state_dict(tiny_params).items()}
     params, _ = from_state_dict(sd, tiny)
-    leaf = params["blocks_0"]["attn"]["qkv"]["kernel"]
+    leaf = params["layers_0"]["attn"]["qkv"]["kernel"]
     assert leaf.dtype == np.float32
-    np.testing.assert_array_equal(leaf, sd["blocks.0.attn.qkv.weight"].float().numpy().T)
+    np.testing.assert_array_equal(leaf, sd["layers.0.attn.qkv.weight"].float().numpy().T)
 
 
 def test_broken_params_tree_is_an_error(tiny_params):
@@ -344,11 +347,11 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path, tiny_params, tiny)
     path.write_bytes(b"old")
     torch_compat.save_state_dict(tiny_params, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["mini_gpt_tiny.pt"]  # no temporary left
-    model = ref.MiniGPT(tiny)
+    model = ref.MiniGPT.from_config(tiny)
     model.load_state_dict(torch.load(path, weights_only=True), strict=True)
     params, config = torch_compat.load_params(path, n_heads=2)
     assert config.embed_dim == 32
-    np.testing.assert_array_equal(params["lm_head"]["kernel"], tiny_params["lm_head"]["kernel"])
+    np.testing.assert_array_equal(params["head"]["kernel"], tiny_params["head"]["kernel"])
 
 
 def test_unreadable_state_dict_file_names_the_file(tmp_path):
@@ -360,35 +363,46 @@ def test_unreadable_state_dict_file_names_the_file(tmp_path):
     g = save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(StateDictError) as e:
         torch_compat.load_params(g)
-    assert one_line(e).startswith(f"{g}: cannot infer the model's shape: missing ['token_embedding.weight'")
+    assert one_line(e).startswith(f"{g}: cannot infer the model's shape: missing ['embed.weight'")
 
 
 # ---------------------------------------------------------------- reference model
 
 
-def test_reference_is_causal(tiny):
-    model = ref.MiniGPT(tiny).eval()
+def test_reference_is_causal_with_the_mask_and_not_without(tiny):
+    model = ref.MiniGPT.from_config(tiny).eval()
     tokens = torch.randint(0, 50000, (1, 32))
-    base = model(tokens).detach()
     changed = tokens.clone()
     changed[0, 20] = 123
-    out = model(changed).detach()
+    base, out = ref.causal_logits(model, tokens).detach(), ref.causal_logits(model, changed).detach()
     assert torch.equal(out[0, :20], base[0, :20]) and not torch.allclose(out[0, 20:], base[0, 20:])
+    # their forward without a mask (as their training loop called it) sees the future
+    assert not torch.allclose(model(changed)[0, :20], model(tokens)[0, :20])
+    assert torch.equal(ref.causal_mask(3), torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]]))
 
 
-def test_reference_pad_key_is_invisible_by_gradients(tiny):
-    model = ref.MiniGPT(tiny).eval()
+def test_reference_pad_key_is_an_ordinary_key_by_gradients(tiny):
+    model = ref.MiniGPT.from_config(tiny).eval()
     tokens = torch.randint(0, 50000, (1, 32))
     tokens[0, 10] = PAD_TOKEN_ID
-    h = model.token_embedding(tokens).detach().requires_grad_(True)
-    model.token_embedding.register_forward_hook(lambda module, args, out: h)  # differentiate w.r.t. h
-    model(tokens)[0, 20].sum().backward()
+    h = model.embed(tokens).detach().requires_grad_(True)
+    model.embed.register_forward_hook(lambda module, args, out: h)  # differentiate w.r.t. h
+    ref.causal_logits(model, tokens)[0, 20].sum().backward()
     dep = h.grad[0].abs().sum(-1)
-    assert dep[10] == 0 and (dep[:10] > 0).all() and (dep[21:] == 0).all()
+    assert (dep[:21] > 0).all() and (dep[21:] == 0).all()
+
+
+def test_reference_has_their_constructor_and_module_tree():
+    model = ref.MiniGPT(VOCAB_SIZE, 64)  # their defaults: embed_dim 128, 4 heads, 2 layers, ffn_mult 4
+    assert sum(p.numel() for p in model.parameters()) == 13_270_784
+    assert isinstance(model.pos, ref.PositionalEmbedding) and model.pos.embed.num_embeddings == 64
+    block = model.layers[1]
+    assert isinstance(block, ref.TransformerBlock) and isinstance(block.attn, ref.MultiHeadAttention)
+    assert isinstance(block.ffn, ref.FFN) and block.attn.n_heads == 4 and block.attn.dropout.p == 0.1
 
 
 def test_reference_dropout_only_in_training(tiny):
-    model = ref.MiniGPT(tiny.replace(dropout=0.5))
+    model = ref.MiniGPT.from_config(tiny.replace(dropout=0.5))
     tokens = torch.arange(32)[None]
     model.eval()
     assert torch.equal(model(tokens), model(tokens))
@@ -397,13 +411,13 @@ def test_reference_dropout_only_in_training(tiny):
 
 
 def test_reference_loss_is_zero_without_labels_and_matches_cross_entropy(tiny):
-    model = ref.MiniGPT(tiny).eval()
+    model = ref.MiniGPT.from_config(tiny).eval()
     pads = torch.full((2, 32), PAD_TOKEN_ID)
-    loss, n = ref.masked_lm_loss(model(pads), pads)
+    loss, n = ref.masked_lm_loss(ref.causal_logits(model, pads), pads)
     assert loss.item() == 0.0 and n.item() == 0
     tokens = torch.randint(0, 50000, (2, 32))
     tokens[1, 16:] = PAD_TOKEN_ID
-    logits = model(tokens)
+    logits = ref.causal_logits(model, tokens)
     loss, n = ref.masked_lm_loss(logits, tokens)
     expected = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, VOCAB_SIZE), tokens[:, 1:].reshape(-1), ignore_index=PAD_TOKEN_ID)
@@ -411,9 +425,9 @@ def test_reference_loss_is_zero_without_labels_and_matches_cross_entropy(tiny):
 
 
 def test_reference_init_is_pytorch_default_and_optimizer_is_adamw_defaults(tiny):
-    model = ref.MiniGPT(tiny.replace(embed_dim=128, n_heads=4))
-    assert abs(model.token_embedding.weight.std().item() - 1.0) < 0.01
-    assert model.blocks[0].ffn.fc2.weight.abs().max() <= 1 / np.sqrt(512)
+    model = ref.MiniGPT.from_config(tiny.replace(embed_dim=128, n_heads=4))
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.01
+    assert model.layers[0].ffn.fc2.weight.abs().max() <= 1 / np.sqrt(512)
     assert torch.equal(model.ln_f.weight, torch.ones(128))
     opt = ref.make_optimizer(model, tiny)
     group = opt.param_groups[0]

@@ -5,10 +5,12 @@
 - Strict like PyTorch's load_state_dict: every missing, unexpected and
   mis-shaped key is listed in one StateDictError, nothing is loaded partly.
 - Conversion stays in NumPy float32, so both round trips are bit-exact.
-- Accepted wrappings: keys prefixed `_orig_mod.` (a torch.compile'd model)
-  and `{"model": state_dict}` (a training checkpoint).
-- With no config, the shapes give vocab_size, embed_dim, n_layers, ffn_mult
-  and max_len; n_heads leaves no trace in the shapes and is an argument.
+- Accepted wrappings: keys prefixed `module.` (nn.DataParallel or DDP) or
+  `_orig_mod.` (a torch.compile'd model), in any order, and a state dict
+  inside `{"model": sd}` or `{"state_dict": sd}` (a training checkpoint).
+- With no config, the shapes give vocab_size, seq_len (the positional table's
+  rows), embed_dim, n_layers and ffn_mult; n_heads leaves no trace in the
+  shapes and is an argument (default 4, the PyTorch project's).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax.config import SEQ_LEN, Config, ConfigError
+from minigpt_jax.config import SEQ_MIN, Config, ConfigError
 from torch_compat.pt_io import load_pt, require_torch, tensor_to_numpy
 
-COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the model as `_orig_mod`
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel/DDP; torch.compile
+WRAPPER_KEYS = ("model", "state_dict")  # training checkpoints: {"model": sd, "optimizer": ...}
 
 
 class StateDictError(ValueError):
@@ -35,20 +38,20 @@ class StateDictError(ValueError):
 
 def contract(config: Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
     """(torch key, Flax path, torch shape) for every parameter, in PyTorch's state_dict order."""
-    V, D, F, M = config.vocab_size, config.embed_dim, config.ffn_dim, config.max_len
+    V, D, F, S = config.vocab_size, config.embed_dim, config.ffn_dim, config.seq_len
     rows = [
-        ("token_embedding.weight", ("token_embedding", "embedding"), (V, D)),
-        ("pos_embedding.embedding.weight", ("pos_embedding", "embedding", "embedding"), (M, D)),
+        ("embed.weight", ("embed", "embedding"), (V, D)),
+        ("pos.embed.weight", ("pos", "embed", "embedding"), (S, D)),
     ]
     for i in range(config.n_layers):
-        b, f = f"blocks.{i}.", (f"blocks_{i}",)
+        b, f = f"layers.{i}.", (f"layers_{i}",)
         rows += [
             (b + "ln1.weight", f + ("ln1", "scale"), (D,)),
             (b + "ln1.bias", f + ("ln1", "bias"), (D,)),
             (b + "attn.qkv.weight", f + ("attn", "qkv", "kernel"), (3 * D, D)),
             (b + "attn.qkv.bias", f + ("attn", "qkv", "bias"), (3 * D,)),
-            (b + "attn.out_proj.weight", f + ("attn", "out_proj", "kernel"), (D, D)),
-            (b + "attn.out_proj.bias", f + ("attn", "out_proj", "bias"), (D,)),
+            (b + "attn.proj.weight", f + ("attn", "proj", "kernel"), (D, D)),
+            (b + "attn.proj.bias", f + ("attn", "proj", "bias"), (D,)),
             (b + "ln2.weight", f + ("ln2", "scale"), (D,)),
             (b + "ln2.bias", f + ("ln2", "bias"), (D,)),
             (b + "ffn.fc1.weight", f + ("ffn", "fc1", "kernel"), (F, D)),
@@ -59,7 +62,7 @@ def contract(config: Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]
     rows += [
         ("ln_f.weight", ("ln_f", "scale"), (D,)),
         ("ln_f.bias", ("ln_f", "bias"), (D,)),
-        ("lm_head.weight", ("lm_head", "kernel"), (V, D)),
+        ("head.weight", ("head", "kernel"), (V, D)),
     ]
     return rows
 
@@ -81,19 +84,21 @@ def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
     """The Config implied by a params tree's shapes (n_heads given)."""
     flat = _flat_params(params)
     try:
-        V, D = flat[("token_embedding", "embedding")].shape
-        M = flat[("pos_embedding", "embedding", "embedding")].shape[0]
-        F = flat[("blocks_0", "ffn", "fc1", "kernel")].shape[1]
+        V, D = flat[("embed", "embedding")].shape
+        S = flat[("pos", "embed", "embedding")].shape[0]
+        F = flat[("layers_0", "ffn", "fc1", "kernel")].shape[1]
     except KeyError as e:
         raise StateDictError(f"params have no {'/'.join(e.args[0])}; expected a MiniGPT params tree") from None
-    n_layers = len({p[0] for p in flat if re.fullmatch(r"blocks_\d+", p[0])})
-    return _make_config(V, D, n_heads, n_layers, F // D, M, "params")
+    n_layers = len({p[0] for p in flat if re.fullmatch(r"layers_\d+", p[0])})
+    return _make_config(V, D, n_heads, n_layers, F // D, S, "params")
 
 
-def _make_config(V, D, n_heads, n_layers, ffn_mult, max_len, source) -> Config:
+def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
+    # SPEC's data rule needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
+    segmentation = "pytorch" if seq_len >= SEQ_MIN else "chunks"
     try:
         return Config(vocab_size=V, embed_dim=D, n_heads=n_heads, n_layers=n_layers,
-                      ffn_mult=ffn_mult, max_len=max_len, seq_len=min(SEQ_LEN, max_len))
+                      ffn_mult=ffn_mult, seq_len=seq_len, segmentation=segmentation)
     except ConfigError as e:
         raise StateDictError(f"{source} imply an unusable model: {e}") from None
 
@@ -124,20 +129,27 @@ def to_state_dict(params: Mapping) -> "collections.OrderedDict[str, Any]":
     return out
 
 
+def _strip(key):
+    while isinstance(key, str) and key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def unwrap(state_dict: Mapping) -> dict:
-    """Strip a {"model": ...} wrapper and torch.compile's `_orig_mod.` prefix."""
+    """Strip {"model": ...} / {"state_dict": ...} wrappers and `module.` / `_orig_mod.` prefixes."""
     if not isinstance(state_dict, Mapping):
         raise StateDictError(f"found a {type(state_dict).__name__}; expected a state dict (a dict of tensors)")
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    return {(k[len(COMPILED_PREFIX):] if isinstance(k, str) and k.startswith(COMPILED_PREFIX) else k): v
-            for k, v in state_dict.items()}
+    for key in WRAPPER_KEYS:
+        if isinstance(state_dict.get(key), Mapping):
+            state_dict = state_dict[key]
+            break
+    return {_strip(k): v for k, v in state_dict.items()}
 
 
 def config_from_state_dict(state_dict: Mapping, n_heads: int = 4) -> Config:
     """The Config implied by a state dict's shapes; n_heads cannot be inferred and is given."""
     sd = unwrap(state_dict)
-    needed = ("token_embedding.weight", "pos_embedding.embedding.weight", "blocks.0.ffn.fc1.weight")
+    needed = ("embed.weight", "pos.embed.weight", "layers.0.ffn.fc1.weight")
     absent = [k for k in needed if k not in sd]
     if absent:
         raise StateDictError(
@@ -147,13 +159,13 @@ def config_from_state_dict(state_dict: Mapping, n_heads: int = 4) -> Config:
     shapes = {k: tuple(getattr(sd[k], "shape", ())) for k in needed}
     if any(len(s) != 2 for s in shapes.values()):
         raise StateDictError(f"cannot infer the model's shape: found shapes {shapes}; expected 2-D weights")
-    V, D = shapes["token_embedding.weight"]
-    M = shapes["pos_embedding.embedding.weight"][0]
-    F = shapes["blocks.0.ffn.fc1.weight"][0]
+    V, D = shapes["embed.weight"]
+    S = shapes["pos.embed.weight"][0]
+    F = shapes["layers.0.ffn.fc1.weight"][0]
     if F % D:
-        raise StateDictError(f"blocks.0.ffn.fc1.weight has shape {(F, D)}; expected ({D}*ffn_mult, {D})")
-    layers = {int(m.group(1)) for k in sd if isinstance(k, str) and (m := re.match(r"blocks\.(\d+)\.", k))}
-    return _make_config(V, D, n_heads, max(layers) + 1, F // D, M, "state dict shapes")
+        raise StateDictError(f"layers.0.ffn.fc1.weight has shape {(F, D)}; expected ({D}*ffn_mult, {D})")
+    layers = {int(m.group(1)) for k in sd if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
+    return _make_config(V, D, n_heads, max(layers) + 1, F // D, S, "state dict shapes")
 
 
 def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: int = 4) -> tuple[dict, Config]:
@@ -187,7 +199,7 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
                     f"wrong: {'; '.join(wrong)}" if wrong else ""]
         raise StateDictError(
             f"state dict does not match MiniGPT(vocab_size={config.vocab_size}, embed_dim={config.embed_dim},"
-            f" n_layers={config.n_layers}, ffn_mult={config.ffn_mult}, max_len={config.max_len}): "
+            f" n_layers={config.n_layers}, ffn_mult={config.ffn_mult}, seq_len={config.seq_len}): "
             + "; ".join(p for p in problems if p)
         )
     params: dict = {}
