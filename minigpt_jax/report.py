@@ -45,15 +45,18 @@ DPI = 120  # 960 x 600 pixels
 HEAD_FRACTION = 0.1  # share of each run allowed above the y range
 
 # Results table: field (CSV header), TXT header, kind (sets format and alignment).
+# The first three are the PyTorch project's table (final = the last step's loss and its exp).
 RESULT_COLUMNS = (
     ("experiment", "experiment", "text"),
+    ("final_loss", "final loss", "loss"),
+    ("final_perplexity", "final ppl", "ppl"),
     ("overrides", "overrides", "text"),
     ("parameters", "params", "int"),
     ("device", "device", "text"),
     ("steps", "steps", "int"),
     ("tokens", "tokens", "int"),
-    ("train_loss", "train loss", "loss"),
-    ("train_perplexity", "train ppl", "ppl"),
+    ("train_loss", "smoothed loss", "loss"),
+    ("train_perplexity", "smoothed ppl", "ppl"),
     ("val_loss", "val loss", "loss"),
     ("val_perplexity", "val ppl", "ppl"),
     ("wall_seconds", "wall s", "seconds"),

@@ -89,6 +89,8 @@ class Result:
             ppl = float(np.exp(loss)) if loss is not None else None
         row = {
             "experiment": self.name,
+            "final_loss": last.get("loss"),  # the PyTorch project's column: the last step's loss
+            "final_perplexity": last.get("perplexity"),
             "overrides": self.overrides,
             "parameters": num_params(self.config),
             "device": self.device,

@@ -245,14 +245,14 @@ class TorchContender:
         from torch_compat import to_state_dict
         self.torch, self.ref, self.name, self.block = torch, ref, name, block
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.model = ref.MiniGPT(c)
+        self.model = ref.MiniGPT.from_config(c)
         self.model.load_state_dict(to_state_dict(jax_params), strict=True)
         self.model.to(self.device)
         self.optimizer = ref.make_optimizer(self.model, c)
         self.inputs = [torch.from_numpy(b).long().to(self.device) for b in batches]
         self.i = 0
         self.bf16 = c.dtype == "bfloat16"
-        loss_fn = lambda t: ref.masked_lm_loss(self.model(t), t)  # noqa: E731
+        loss_fn = lambda t: ref.masked_lm_loss(ref.causal_logits(self.model, t), t)  # noqa: E731
         self.loss_fn = torch.compile(loss_fn) if name == "torch_compile" else loss_fn
         self.peak_bytes = None
 

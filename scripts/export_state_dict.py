@@ -1,9 +1,9 @@
 """Export an Orbax checkpoint's parameters as a PyTorch state dict (.pt).
 
 CHECKPOINT is outcome/checkpoints/<name> (its latest step) or one step folder.
-The result loads with `torch_compat.reference.MiniGPT(config).load_state_dict(
-torch.load(OUT, weights_only=True), strict=True)`; its keys are the SPEC's
-state-dict contract.
+The result loads into the PyTorch project's own model (or
+torch_compat.reference.MiniGPT) with `model.load_state_dict(torch.load(OUT,
+weights_only=True), strict=True)`; its keys are the SPEC's state-dict contract.
 """
 
 from __future__ import annotations

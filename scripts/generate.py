@@ -7,8 +7,9 @@ Examples:
   python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" --temperature 0
 
 Prints the prompt followed by its continuation. The same seed gives the same
-text; --temperature 0 is greedy. Prompts longer than the model's 128
-positions slide: only the last 128 tokens are seen. <|endoftext|> (the PAD
+text; --temperature 0 is greedy. Prompts longer than the model's seq_len
+positions (64 at baseline) slide: only the last seq_len tokens are seen.
+A .pt may be the PyTorch project's own `mini_gpt_<name>.pt`. <|endoftext|> (the PAD
 id 50256) is never generated.
 """
 

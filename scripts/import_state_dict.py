@@ -1,8 +1,10 @@
 """Import a PyTorch state dict (.pt) as an Orbax checkpoint at step 0.
 
-The state dict may come from torch_compat.reference.MiniGPT, a torch.compile'd
-model (keys prefixed `_orig_mod.`) or be wrapped as {"model": state_dict}.
-vocab_size, embed_dim, n_layers, ffn_mult and max_len are read from the shapes;
+The state dict may come from the PyTorch project's own model.py
+(`torch.save(model.state_dict(), ...)`), torch_compat.reference.MiniGPT, a
+torch.compile'd or DataParallel model (keys prefixed `_orig_mod.` / `module.`),
+or be wrapped as {"model": sd} or {"state_dict": sd}. vocab_size, seq_len (the
+positional rows), embed_dim, n_layers and ffn_mult are read from the shapes;
 n_heads cannot be, so give --n-heads when it is not 4. The checkpoint holds a
 fresh AdamW state, so `scripts/run.py --resume` with the same config continues
 training from these weights, and scripts/generate.py samples from them.

@@ -10,6 +10,7 @@ and at the end, and writes under --out:
 Examples:
   python scripts/run.py                                   # all five, default corpus
   python scripts/run.py --devices 1,2,3,4,5               # experiment i on jax.devices()[devices[i]]
+  python scripts/run.py --only lr_1e-3                    # one experiment, as in run_experiments.py
   python scripts/run.py --experiments baseline --max-steps 20 --data data/
   python scripts/run.py --set seq_len=128 --set lr=3e-4
   python scripts/run.py --resume                          # continue from the latest checkpoints
@@ -43,12 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--experiments", default=",".join(cfg.EXPERIMENTS),
-                   help="comma-separated experiments to run (default: all: %(default)s)")
+    p.add_argument("--experiments", default=None, metavar="A,B,...",
+                   help="comma-separated experiments to run (default: all: " + ",".join(cfg.EXPERIMENTS) + ")")
+    p.add_argument("--only", default=None, metavar="NAME",
+                   help="one experiment by name, or 'all' (the PyTorch project's run_experiments.py flag;"
+                        " the same as --experiments NAME)")
     p.add_argument("--devices", default=None, metavar="I,J,...",
-                   help="indices into jax.devices(): experiment i runs on devices[i], cycling when"
-                        " there are fewer devices than experiments; experiments on distinct devices"
-                        " run at the same time (default: all on the first device, one after another)")
+                   help="indices into jax.devices(): experiment i runs on the i-th listed device, cycling"
+                        " when fewer are listed than experiments; experiments on distinct devices run at"
+                        " the same time. Indices that do not exist are left out with a notice; if none"
+                        " exists, every available device is used (default: all on the first device,"
+                        " one after another)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="tokenized_data.pt, sample_dataset.pt, or a folder holding one of them"
                         " (needs torch; default: the embedded corpus of Python's own docs)")
@@ -105,9 +111,20 @@ def check_arguments(args) -> tuple[dict, int | None]:
     overrides = cfg.parse_overrides(args.overrides)
     if args.seed is not None:
         overrides["seed"] = cfg.parse_value("seed", args.seed)
-    names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+    if args.only is not None and args.experiments is not None:
+        raise UsageError("--only and --experiments both given; expected one of them")
+    if args.only is not None:
+        text = ",".join(cfg.EXPERIMENTS) if args.only.strip() == "all" else args.only
+        flag = "--only"
+    else:
+        text = args.experiments if args.experiments is not None else ",".join(cfg.EXPERIMENTS)
+        flag = "--experiments"
+    names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise UsageError("--experiments is empty; valid: " + ", ".join(cfg.EXPERIMENTS))
+        raise UsageError(f"{flag} is empty; valid: all, " + ", ".join(cfg.EXPERIMENTS))
+    if flag == "--only" and len(names) > 1:
+        raise UsageError(f"--only {args.only!r}: expected one experiment name or 'all'"
+                         " (use --experiments for a list)")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UsageError(f"--experiments names {', '.join(dupes)} twice")
@@ -115,30 +132,42 @@ def check_arguments(args) -> tuple[dict, int | None]:
     return configs, positive_int("--max-steps", args.max_steps)
 
 
-def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False) -> list:
-    """Per experiment, the tuple of devices it runs on."""
-    import jax
-
-    devices = jax.devices()
-    listing = ", ".join(f"{i}={d.platform}:{d.id}" for i, d in enumerate(devices))
-    if text is None:
-        return [tuple(devices) if data_parallel else (devices[0],)] * n_experiments
+def device_indices(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; anything else is a UsageError (before JAX starts)."""
     indices = []
     for part in text.split(","):
         try:
             indices.append(int(part))
         except ValueError:
             raise UsageError(f"--devices {text!r}: {part.strip()!r} is not an integer;"
-                             f" expected indices into jax.devices() ({listing})") from None
-    bad = [i for i in indices if not 0 <= i < len(devices)]
-    if bad:
-        raise UsageError(f"--devices {text}: index {bad[0]} is out of range; {len(devices)} devices"
-                         f" found, valid indices 0..{len(devices) - 1} ({listing})")
+                             " expected indices into jax.devices(), e.g. --devices 1,2,3") from None
+    return indices
+
+
+def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False) -> tuple[list, str | None]:
+    """Per experiment, the tuple of devices it runs on; and a notice when some listed
+    indices do not exist (the PyTorch project's rule: those are left out; none left,
+    every available device is used; on a CPU-only machine that is the CPU)."""
+    import jax
+
+    devices = jax.devices()
+    if text is None:
+        return [tuple(devices) if data_parallel else (devices[0],)] * n_experiments, None
+    indices = device_indices(text)
+    notice = None
+    kept = [i for i in indices if 0 <= i < len(devices)]
+    if len(kept) < len(indices):
+        missing = [i for i in indices if i not in kept]
+        if not kept:
+            kept = list(range(len(devices)))
+        notice = (f"--devices {text}: {len(devices)} {devices[0].platform} device(s) found, no index"
+                  f" {','.join(map(str, missing))}; using {','.join(map(str, kept))}")
+    indices = kept
     if data_parallel:
         if len(set(indices)) != len(indices):
             raise UsageError(f"--devices {text}: a device is listed twice; data parallelism needs distinct devices")
-        return [tuple(devices[i] for i in indices)] * n_experiments
-    return [(devices[indices[i % len(indices)]],) for i in range(n_experiments)]
+        return [tuple(devices[i] for i in indices)] * n_experiments, notice
+    return [(devices[indices[i % len(indices)]],) for i in range(n_experiments)], notice
 
 
 def init_distributed(args) -> None:
@@ -183,6 +212,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     try:
         configs, max_steps = check_arguments(args)
+        if args.devices is not None:
+            device_indices(args.devices)
         check_out_dir(out)
     except (cfg.ConfigError, UsageError) as e:
         fail(str(e))
@@ -195,7 +226,9 @@ def main(argv=None) -> int:
 
     try:
         init_distributed(args)
-        devices = parse_devices(args.devices, len(configs), args.data_parallel)
+        devices, notice = parse_devices(args.devices, len(configs), args.data_parallel)
+        if notice and runner.jax.process_index() == 0:
+            print(f"run.py: {notice}", file=sys.stderr)
         for name, c in configs.items():
             if c.batch_size % len(devices[0]):
                 raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"

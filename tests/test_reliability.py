@@ -215,7 +215,8 @@ ARG_CASES = {
     "--set without =": (["--set", "lr"], r"--set 'lr': expected key=value, e.g. --set lr=1e-3"),
     "--max-steps not an integer": (["--max-steps", "ten"], r"--max-steps 'ten': expected a positive integer"),
     "--devices with a non-integer": (["--devices", "0,gpu1"], r"--devices '0,gpu1': 'gpu1' is not an integer; expected indices into jax.devices\(\)"),
-    "device index out of range": (["--devices", "0,6"], r"--devices 0,6: index 6 is out of range; 6 devices found, valid indices 0..5"),
+    "--only with a list": (["--only", "baseline,lr_1e-3"], r"--only 'baseline,lr_1e-3': expected one experiment name or 'all'"),
+    "--only and --experiments": (["--only", "baseline", "--experiments", "baseline"], r"--only and --experiments both given; expected one of them"),
     "--out under a regular file": (["--out", "{tmp}/a_file/out"], r"--out {tmp}/a_file/out: {tmp}/a_file is not a folder; expected a writable folder"),
     "--out where nothing can be created": (["--out", "/proc/minigpt-out"], r"--out /proc/minigpt-out: cannot create anything in /proc \(.+\); expected a writable folder"),
 }

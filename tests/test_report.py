@@ -147,11 +147,13 @@ def test_failed_experiment_without_steps_writes_no_curve_and_does_not_crash(tmp_
 # --- results table -------------------------------------------------------------------------
 
 RESULTS = [
-    {"experiment": "baseline", "overrides": "", "parameters": 13_326_976, "device": "cuda:1",
+    {"experiment": "baseline", "final_loss": 5.2, "final_perplexity": 181.27, "overrides": "",
+     "parameters": 13_326_976, "device": "cuda:1",
      "steps": 1200, "tokens": 2_419_000, "train_loss": 5.123456, "train_perplexity": 167.9,
      "val_loss": 5.3, "val_perplexity": 200.34, "wall_seconds": 95.25, "tokens_per_second": 25396.0,
      "status": "ok"},
-    {"experiment": "lr_1e-3", "overrides": {"lr": 0.001}, "parameters": 13_326_976, "device": "cuda:2",
+    {"experiment": "lr_1e-3", "final_loss": 5.5, "final_perplexity": 244.69, "overrides": {"lr": 0.001},
+     "parameters": 13_326_976, "device": "cuda:2",
      "steps": 600, "tokens": 1_209_000, "train_loss": 5.6, "train_perplexity": 270.4,
      "val_loss": math.nan, "val_perplexity": None, "wall_seconds": 48.0, "tokens_per_second": 25187.5,
      "status": "stopped at step 600"},
@@ -167,11 +169,13 @@ def test_results_csv_round_trips_with_the_documented_columns(tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert tuple(reader.fieldnames) == report.RESULT_FIELDS == (
-        "experiment", "overrides", "parameters", "device", "steps", "tokens", "train_loss",
+        "experiment", "final_loss", "final_perplexity", "overrides", "parameters", "device", "steps",
+        "tokens", "train_loss",
         "train_perplexity", "val_loss", "val_perplexity", "wall_seconds", "tokens_per_second", "status")
     ok, stopped, failed = rows
     assert float(ok["train_loss"]) == 5.123456 and int(ok["parameters"]) == 13_326_976  # full precision
-    numeric = report.RESULT_FIELDS[4:12]
+    assert float(ok["final_loss"]) == 5.2 and float(stopped["final_perplexity"]) == 244.69
+    numeric = report.RESULT_FIELDS[1:3] + report.RESULT_FIELDS[6:14]
     assert all(math.isfinite(float(ok[k])) for k in numeric)
     assert stopped["overrides"] == "lr=0.001" and stopped["val_loss"] == stopped["val_perplexity"] == ""
     assert stopped["status"] == "stopped at step 600"
@@ -201,9 +205,10 @@ def test_results_txt_has_a_title_and_aligned_fixed_width_columns():
             else:
                 assert end == h_end, (line, text)  # right-aligned under its header
     ok, stopped, failed = (dict(zip([c[2] for c in head], [c[2] for c in cells(x)])) for x in body)
-    assert ok["params"] == "13,326,976" and ok["train loss"] == "5.1235" and ok["overrides"] == "-"
+    assert ok["params"] == "13,326,976" and ok["smoothed loss"] == "5.1235" and ok["overrides"] == "-"
+    assert ok["final loss"] == "5.2000" and list(ok)[:3] == ["experiment", "final loss", "final ppl"]
     assert stopped["val loss"] == stopped["val ppl"] == "-"
-    assert failed["train loss"] == failed["tokens/s"] == "-"
+    assert failed["final loss"] == failed["smoothed loss"] == failed["tokens/s"] == "-"
     assert failed["status"].endswith("...") and len(failed["status"]) == report.TXT_TEXT_MAX
 
 

@@ -16,8 +16,8 @@ TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "-
 NAMES = ["baseline", "lr_1e-3", "batch_size_16", "n_layers_1", "embed_dim_64"]
 
 
-def run(*args, script="run.py", timeout=900):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "6"}
+def run(*args, script="run.py", timeout=900, devices=6):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
     return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
@@ -127,7 +127,7 @@ def test_resume_via_cli_equals_straight_run(tmp_path, data_folder):
     (["--set", "seq_len=16"], "seq_len=16: must be in [32, 4096]"),
     (["--max-steps", "0"], "--max-steps 0: must be a positive integer"),
     (["--devices", "1,x"], "--devices '1,x': 'x' is not an integer; expected indices into jax.devices()"),
-    (["--devices", "0,9"], "--devices 0,9: index 9 is out of range; 6 devices found, valid indices 0..5"),
+    (["--only", "nope"], "unknown experiment 'nope'; valid: baseline, lr_1e-3"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
     r = run("--out", tmp_path / "out", *args)
@@ -157,3 +157,27 @@ def test_inspect_export_import_scripts(full_run, tmp_path):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run(tmp_path / "nothing", script="inspect_checkpoint.py")
     assert r.returncode == 2 and "no such checkpoint folder" in r.stderr
+
+
+@pytest.mark.parametrize("n_devices, used", [(1, [0, 0]), (3, [1, 2])])
+def test_devices_that_do_not_exist_are_left_out_with_a_notice(tmp_path, data_folder, n_devices, used):
+    """Their rule: listed indices that do not exist are dropped; none left, every device."""
+    r = run("--devices", "1,2,3,4,5", "--experiments", "baseline,lr_1e-3", "--max-steps", 1,
+            "--data", data_folder, "--out", tmp_path, *TINY, devices=n_devices)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = sorted(set(used))
+    notice = [line for line in r.stderr.splitlines() if line.startswith("run.py: --devices")]
+    assert notice == [f"run.py: --devices 1,2,3,4,5: {n_devices} cpu device(s) found, no index"
+                      f" {','.join(str(i) for i in range(n_devices, 6) if i)}; using {','.join(map(str, kept))}"]
+    rows = list(csv.DictReader(open(tmp_path / "results_table.csv")))
+    assert [row["device"] for row in rows] == [f"cpu:{i}" for i in used]
+
+
+def test_only_runs_one_experiment_and_final_loss_is_the_last_step(tmp_path, data_folder):
+    r = run("--only", "lr_1e-3", "--max-steps", 3, "--data", data_folder, "--out", tmp_path, *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = list(csv.DictReader(open(tmp_path / "results_table.csv")))
+    last = list(csv.DictReader(open(tmp_path / "metrics_lr_1e-3.csv")))[-1]
+    assert row["experiment"] == "lr_1e-3" and last["step"] == "3"
+    assert float(row["final_loss"]) == float(last["loss"])
+    assert math.isclose(float(row["final_perplexity"]), math.exp(float(last["loss"])), rel_tol=1e-6)
