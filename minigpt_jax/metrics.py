@@ -209,7 +209,8 @@ class TensorBoardWriter(Writer):
     def _send(self) -> None:
         file_writer = self._writer.file_writer
         for step, wall_time, scalars in self._rows:
-            values = [self._summary.Value(tag=k, simple_value=_number(v)) for k, v in scalars.items()]
+            values = [self._summary.Value(tag=k, simple_value=_number(v))
+                      for k, v in scalars.items()]
             file_writer.add_summary(self._summary(value=values), step, wall_time)
         self._rows.clear()
 
@@ -223,7 +224,7 @@ class TensorBoardWriter(Writer):
 
 
 class WandbWriter(Writer):
-    """A Weights & Biases run; keyword arguments go to `wandb.init` (project, name, id, resume...)."""
+    """A Weights & Biases run; keyword arguments go to `wandb.init` (project, name, id...)."""
 
     def __init__(self, **init_kwargs: Any):
         try:

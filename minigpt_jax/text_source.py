@@ -167,7 +167,7 @@ def _load(stem: pathlib.Path) -> list[np.ndarray] | None:
 
 
 def load_text(path: pathlib.Path, per: str = "file", progress: bool = True) -> list[np.ndarray]:
-    """GPT-2 token ids (int32, 1-D) of each document under path, from the cache when it holds them."""
+    """GPT-2 ids (1-D int32) of each document under path; from the cache when it holds them."""
     if per not in PER:
         raise DataError(f"per={per!r}: expected one of {', '.join(PER)}")
     files = text_files(path)
