@@ -2,9 +2,9 @@
 
 - Every writer has `write_scalars(step, {tag: number})`, `flush()` and `close()`.
   The loop builds one writer (a `MultiWriter`) and knows nothing of formats.
-- Cheap per call: rows go into Python's file buffer (CSV, JSONL) or a list
-  (TensorBoard); nothing is synced per row. `flush()` pushes them to the OS; call
-  it at each checkpoint, so that what a resume keeps is on disk.
+- Cheap per call: rows go into Python's file buffers; nothing is synced per
+  row. `flush()` pushes them to the OS; call it at each checkpoint, so that
+  what a resume keeps is on disk.
 - Resume (`resume_step=k`): rows of steps > k, written after the checkpoint the
   run resumes from, are dropped. CSV and JSONL files are append-only and are
   rewritten (streamed to a temporary file, then renamed) only when their last
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 BUFFER_BYTES = 1 << 16  # file buffer of the CSV and JSONL writers
-TB_BUFFER_ROWS = 1000  # TensorBoard rows held before they go to the event writer
 TAIL_BYTES = 1 << 16  # end of a log read to find its last step (rows are far shorter)
 
 
@@ -187,40 +186,34 @@ class JsonlWriter(_LineWriter):
 
 
 class TensorBoardWriter(Writer):
-    """Event files under `<out_dir>/tensorboard/<name>/`, one Summary of all tags per step."""
+    """Event files under `<out_dir>/tensorboard/<name>/`, one event of all tags per step."""
 
     def __init__(self, out_dir: pathlib.Path, name: str, resume_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        # tensorboardX's record writer, called directly: SummaryWriter's queue and
+        # worker thread cost several times more per row than the writing itself
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
         from tensorboardX.proto.summary_pb2 import Summary
 
-        self._summary = Summary
+        self._event, self._summary = Event, Summary
         self.logdir = pathlib.Path(out_dir) / "tensorboard" / name
-        purge = None if resume_step is None else resume_step + 1
+        self.logdir.mkdir(parents=True, exist_ok=True)
         # files are named by the second they open in: the suffix keeps a quick resume's apart
-        self._writer = SummaryWriter(str(self.logdir), purge_step=purge, flush_secs=30,
-                                     filename_suffix=f".{time.time_ns()}")
-        self._rows: list[tuple[int, float, Mapping[str, Any]]] = []
+        self._events = EventsWriter(str(self.logdir / "events"), f".{time.time_ns()}")
+        if resume_step is not None:  # readers drop the earlier files' events from this step on
+            self._events.write_event(Event(step=resume_step + 1, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        self._rows.append((int(step), time.time(), dict(scalars)))
-        if len(self._rows) >= TB_BUFFER_ROWS:
-            self._send()
-
-    def _send(self) -> None:
-        file_writer = self._writer.file_writer
-        for step, wall_time, scalars in self._rows:
-            values = [self._summary.Value(tag=k, simple_value=_number(v))
-                      for k, v in scalars.items()]
-            file_writer.add_summary(self._summary(value=values), step, wall_time)
-        self._rows.clear()
+        values = [self._summary.Value(tag=k, simple_value=_number(v)) for k, v in scalars.items()]
+        self._events.write_event(self._event(step=int(step), wall_time=time.time(),
+                                             summary=self._summary(value=values)))
 
     def flush(self) -> None:
-        self._send()
-        self._writer.flush()
+        self._events.flush()  # tensorboardX's flush also syncs the file
 
     def close(self) -> None:
-        self._send()
-        self._writer.close()
+        self._events.close()
 
 
 class WandbWriter(Writer):
