@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training.train_state import TrainState
 
 from minigpt_jax import optim
 from minigpt_jax.config import Config, ConfigError, parse_overrides
@@ -149,3 +150,40 @@ def test_cosine_needs_a_total_longer_than_warmup():
         optim.make_optimizer(c)
     with pytest.raises(ConfigError, match=r"warmup_steps=100: must be < the run's total steps"):
         optim.make_optimizer(c, total_steps=100)
+
+
+def test_optimizers_differing_in_lr_share_one_compiled_step(params):
+    traces = []
+
+    @jax.jit
+    def step(state, grads):
+        traces.append(1)
+        return state.apply_gradients(grads=grads)
+
+    grads = jax.tree.map(jnp.ones_like, params)
+    lrs = []
+    for c in (Config(lr=1e-3), Config(lr=5e-4, weight_decay=0.1), Config(lr=2e-4)):
+        state = TrainState.create(apply_fn=_apply, params=params, tx=optim.make_optimizer(c))
+        state = step(state, grads)
+        lrs.append(float(optim.current_lr(state.opt_state)))
+        moved = float(state.params["ln_f"]["bias"][0] - params["ln_f"]["bias"][0])
+        # Adam's first step is -lr * (sign(g) + weight_decay * p)
+        assert moved == pytest.approx(-c.lr * (1 + c.weight_decay * 0.5), rel=1e-4)
+    assert len(traces) == 1
+    assert lrs == pytest.approx([1e-3, 5e-4, 2e-4])
+    assert optim.make_optimizer(Config()) != optim.make_optimizer(Config(grad_clip=1.0))
+
+
+def _apply(*args):
+    raise AssertionError("not called")
+
+
+def test_with_hyperparams_stacks_lrs_for_vmap(params):
+    tx = optim.make_optimizer(Config())
+    states = jax.vmap(lambda lr: optim.with_hyperparams(tx.init(params), lr))(
+        jnp.array([1e-3, 2e-3]))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, states = jax.vmap(lambda s: tx.update(grads, s, params))(states)
+    np.testing.assert_allclose(optim.current_lr(states), [1e-3, 2e-3], rtol=1e-6)
+    np.testing.assert_allclose(updates["ln_f"]["bias"][:, 0], [-1e-3 * 1.005, -2e-3 * 1.005],
+                               rtol=1e-4)
