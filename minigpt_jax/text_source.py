@@ -6,7 +6,8 @@
   texts. (SPEC's segmentation drops documents under 32 tokens: short blocks
   want `segmentation=chunks`.) Documents are joined by nothing: no
   <|endoftext|> is added, as PAD (50256) is never a label.
-- A folder is searched recursively for `*.txt`, in sorted path order. Text is
+- A folder is searched recursively for `*.txt`, in sorted path order, leaving
+  out hidden files and folders (.git, .ipynb_checkpoints). Text is
   strict UTF-8 (a leading byte-order mark is dropped); anything else is a
   DataError naming the file and the byte offset.
 - Long texts are tokenized in pieces of about PIECE_CHARS characters, cut only
@@ -64,7 +65,8 @@ def text_files(path: pathlib.Path) -> list[pathlib.Path]:
             raise DataError(f"{path}: not a .txt file; expected a .txt file or a folder of them")
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"{path}: no .txt files in this folder or below; "
                             "expected at least one UTF-8 .txt file")

@@ -22,6 +22,8 @@ def folder(tmp_path):
     (d / "a.txt").write_text(FIRST, encoding="utf-8")
     (d / "sub" / "b.txt").write_text(SECOND, encoding="utf-8")
     (d / "notes.md").write_text("not a .txt file")
+    (d / ".ipynb_checkpoints").mkdir()
+    (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("hidden: left out")
     return d
 
 
