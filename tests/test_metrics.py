@@ -55,7 +55,9 @@ def test_csv_appends_rows_under_one_header(tmp_path):
     assert (float(loss), float(ppl), tokens) == (float(np.float32(10 / 3)), math.exp(10 / 3), "200")
 
 
-def test_csv_resume_cuts_back_to_the_checkpoint_step(tmp_path):
+@pytest.mark.parametrize("tail_bytes", [metrics.TAIL_BYTES, 40])  # 40: the tail cuts a row
+def test_csv_resume_cuts_back_to_the_checkpoint_step(tmp_path, monkeypatch, tail_bytes):
+    monkeypatch.setattr(metrics, "TAIL_BYTES", tail_bytes)
     path = tmp_path / "metrics_run.csv"
     with metrics.CsvWriter(tmp_path, "run", FIELDS) as w:
         for step in range(1, 11):
