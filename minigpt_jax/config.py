@@ -50,6 +50,12 @@ class Config:
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
     segmentation: str = "pytorch"  # "pytorch": SPEC's rule (32..128 kept whole, longer cut); "chunks": every token
+    # optimizer options (optim.py); the defaults are the PyTorch project's AdamW
+    lr_schedule: str = "constant"  # "constant", or "cosine" from lr down to min_lr_ratio * lr
+    warmup_steps: int = 0  # steps of linear warmup up to lr, before either schedule; 0 = none
+    min_lr_ratio: float = 0.1  # the cosine's floor as a fraction of lr, in [0, 1]
+    grad_clip: float = 0.0  # max global gradient norm before AdamW; 0 = no clipping
+    decay_params: str = "all"  # weight decay on "all" parameters or on "matrices" (kernels) only
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -94,6 +100,20 @@ class Config:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        """The optimizer options' ranges (optim.py)."""
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r}: must be one of constant, cosine")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if not self.grad_clip >= 0:  # also refuses NaN
+            raise ConfigError(f"grad_clip={self.grad_clip}: must be >= 0 (0 = no clipping)")
+        if self.decay_params not in ("all", "matrices"):
+            raise ConfigError(f"decay_params={self.decay_params!r}: must be one of all, matrices")
 
     @property
     def head_dim(self) -> int:
