@@ -32,20 +32,6 @@ import numpy as np
 from minigpt_jax.config import PAD_TOKEN_ID, SEQ_MAX, SEQ_MIN, VOCAB_SIZE
 from minigpt_jax.sources import DataError, Sequences, from_arrays
 
-__all__ = [
-    "DataError",
-    "Prepared",
-    "batch_dataset",
-    "batch_iterator",
-    "eval_batches",
-    "eval_sample",
-    "gather",
-    "prepare",
-    "prepare_key",
-    "segment_table",
-    "segments_per_sequence",
-]
-
 _ROWS = 1 << 16  # segments per block where a pass needs temporaries: bounds their memory
 
 
@@ -153,11 +139,17 @@ _PREPARE_LOCK = threading.Lock()  # experiments in threads compute a shared key 
 def prepare(sources: Sequences, config) -> Prepared:
     """Split, segment and count `sources` for config (seq_len, segmentation, val_fraction, seed).
 
-    Memoised on (sources, prepare_key(config)): a second call with the same
-    source object and key returns the same Prepared, arrays shared.
+    Memoised on (sources, prepare_key(config)), the last four kept: a second
+    call with the same source object and key returns the same Prepared, arrays
+    shared. `clear_prepared()` lets them go.
     """
     with _PREPARE_LOCK:
         return _prepare(sources, *prepare_key(config))
+
+
+def clear_prepared() -> None:
+    """Forget every memoised Prepared (their memory goes once no caller holds them)."""
+    _prepare.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
@@ -167,9 +159,10 @@ def _prepare(
     lengths = sources.lengths
     counts = segments_per_sequence(lengths, sources.kind, seq_len, segmentation)
     if not counts.any():
+        need = SEQ_MIN if segmentation == "pytorch" else 1
         raise DataError(
             f"{sources.source}: no sequence gives a segment (the longest has"
-            f" {int(lengths.max(initial=0))} tokens); expected at least one of {SEQ_MIN} or more"
+            f" {int(lengths.max(initial=0))} tokens); expected at least one of {need} or more"
             f" tokens for segmentation={segmentation}"
         )
     held = split_sequences(counts, val_fraction, seed)
@@ -178,10 +171,8 @@ def _prepare(
     to_val = held[seq]
     train = gather(sources.tokens, starts[~to_val], take[~to_val], seq_len)
     val = gather(sources.tokens, starts[to_val], take[to_val], seq_len)
-    tails = 0
-    if (
-        segmentation == "pytorch"
-    ):  # a cut sequence's tail of < SEQ_MIN tokens after its last segment
+    tails = 0  # cut sequences whose last < SEQ_MIN tokens, after the last segment, are dropped
+    if segmentation == "pytorch":
         cut = (counts > 0) if sources.kind == "rows" else (lengths > SEQ_MAX)
         tails = int(np.count_nonzero(cut & (lengths > counts * seq_len)))
     return Prepared(
@@ -253,19 +244,21 @@ def _parse_absl_flags() -> None:
 
 
 def batch_iterator(ds: grain.MapDataset, start: int, num_workers: int):
-    """Iterate ds from batch `start`: in-process with a read-ahead thread, or num_workers processes.
+    """Iterate ds from batch `start`: in the calling thread, or in num_workers processes.
 
-    A batch is one gather, so more read threads only add hand-off cost
-    (BENCHMARKS.md, "data"). Worker processes receive the dataset, segments
-    included, and the calling script needs an `if __name__ == "__main__"` guard.
+    In-process batches are made on demand, without read-ahead threads: a batch
+    is one small gather, and handing it over between threads costs more than
+    making it (BENCHMARKS.md, "Measured: data"); the step's asynchronous
+    dispatch already overlaps it with device work. Worker processes are sent
+    the dataset, segments included, and need the calling script's
+    `if __name__ == "__main__"` guard (they are spawned).
     """
     ds = ds.slice(slice(start, None))
     if num_workers > 0:
         _parse_absl_flags()
-        return iter(
-            ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-        )
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)))
+        options = grain.MultiprocessingOptions(num_workers=num_workers)
+        return iter(ds.to_iter_dataset().mp_prefetch(options))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 # --- evaluation --------------------------------------------------------------------------
