@@ -10,8 +10,8 @@
 - Checks are vectorised; a failure is a DataError, one line: "<source>: what
   was found; expected ...", naming the sequence, the position and the value.
 - Reading .pt files lives in torch_compat.data (torch_compat depends on this
-  package, never the reverse); `from_arrays` takes any list of 1-D arrays, as
-  the default corpus is.
+  package, never the reverse); `from_arrays` takes any list of 1-D arrays, and
+  `default_corpus` gives the embedded corpus this way.
 """
 
 from __future__ import annotations
@@ -144,3 +144,10 @@ def from_arrays(
     flat = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
     check_range(flat, offsets, 0, source, vocab_size)
     return Sequences(flat.astype(np.int32, copy=False), offsets, kind, source)
+
+
+def default_corpus(vocab_size: int = VOCAB_SIZE) -> Sequences:
+    """The embedded default corpus (minigpt_jax.corpus) as checked "tokenized" Sequences."""
+    from minigpt_jax import corpus
+
+    return from_arrays(corpus.default_corpus(), "default corpus", "tokenized", vocab_size)

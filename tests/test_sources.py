@@ -71,3 +71,9 @@ def test_representation_is_validated():
         sources.Sequences(np.zeros(2, np.int32), np.array([0, 2], np.int64), "docs", "x")
     with pytest.raises(ValueError, match="offsets run 0..3; expected 0..2"):
         sources.Sequences(np.zeros(2, np.int32), np.array([0, 3], np.int64), "rows", "x")
+
+
+def test_default_corpus_is_tokenized_sequences():
+    s = sources.default_corpus()
+    assert s.kind == "tokenized" and s.source == "default corpus" and len(s) > 100
+    assert 0 <= s.tokens.min() and s.tokens.max() < VOCAB_SIZE and s.offsets[-1] == len(s.tokens)
