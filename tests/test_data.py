@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -130,9 +132,29 @@ def test_bad_id_in_a_pt_names_file_sequence_position_value(tmp_path):
     f = tmp_path / "tokenized_data.pt"
     torch.save([torch.arange(40), torch.arange(40), torch.tensor([1, 2, 3, 70000])], f)
     with pytest.raises(
-        data.DataError, match=rf"^{f}: sequence 2 has token id 70000 at position 3;"
+        data.DataError, match=rf"^{re.escape(str(f))}: sequence 2 has token id 70000 at position 3;"
     ):
         read_sequences(f)
+
+
+def test_pt_read_in_groups_is_the_same_flat_data(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch_compat import data as pt_data
+
+    monkeypatch.setattr(pt_data, "_GROUP", 50)  # many torch.cat groups, one tensor longer than one
+    seqs = numbered([7, 30, 120, 0, 45, 3, 60, 33, 2, 90])
+    f = tmp_path / "t.pt"
+    torch.save(
+        [torch.tensor(s, dtype=torch.int32 if i % 2 else torch.int64) for i, s in enumerate(seqs)],
+        f,
+    )
+    s = pt_data.read_sequences(f)
+    np.testing.assert_array_equal(s.tokens, np.concatenate(seqs))
+    assert np.diff(s.offsets).tolist() == [len(x) for x in seqs] and s.kind == "tokenized"
+    seqs[7][20] = -4
+    torch.save([torch.tensor(x) for x in seqs], f)
+    with pytest.raises(data.DataError, match=r"sequence 7 has token id -4 at position 20;"):
+        pt_data.read_sequences(f)
 
 
 # --- batches -----------------------------------------------------------------------------
