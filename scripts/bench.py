@@ -14,8 +14,12 @@ batches are random ids without PAD, so every position does full work. Every
 contender starts from the same parameters and sees the same batches; contenders
 run in interleaved rounds, so a machine shared with other work slows all alike.
 
+`--section data` times the data path instead (reading a users'-shaped
+tokenized_data.pt, segmentation, split, batches/s of the grain pipeline).
+
 Examples:
   python scripts/bench.py                                   # the full table -> BENCHMARKS.md
+  python scripts/bench.py --section data                    # the data path -> "Measured: data"
   python scripts/bench.py --configs baseline --contenders jax,torch --rounds 3 --out /tmp/b.md
 """
 
@@ -68,6 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " (default: %(default)s)")
     p.add_argument("--section", default="main",
                    help="name of the generated section to rewrite, so several runs share one file (default: %(default)s)")
+    p.add_argument("--data-file", default="/tmp/minigpt_bench_tokenized_data.pt",
+                   help="--section data: the tokenized_data.pt to time, written when missing"
+                        " (default: %(default)s)")
+    p.add_argument("--data-tokens", type=int, default=100_000_000,
+                   help="--section data: tokens in a newly written --data-file (default: %(default)s)")
+    p.add_argument("--data-seq-len", type=int, default=64, help="--section data (default: %(default)s)")
+    p.add_argument("--data-batch-size", type=int, default=32, help="--section data (default: %(default)s)")
+    p.add_argument("--data-seconds", type=float, default=5.0,
+                   help="--section data: seconds per pipeline rate (default: %(default)s)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="keep glibc's default allocator (otherwise train.tune_host_allocator, for all contenders)")
     return p.parse_args(argv)
@@ -359,6 +372,170 @@ def bench_config(label: str, kind: str, c: cfg.Config, names: list[str], rounds:
     return rows
 
 
+# --- the data pipeline (--section data) -------------------------------------------------
+
+def make_tokenized_file(path: pathlib.Path, tokens: int, seed: int = 0) -> None:
+    """A tokenized_data.pt shaped like the users': chunks of at most 512 random ids, 90% exactly
+    512, the rest 10..511 tokens, each its own int64 tensor (as their tokenizer loop saved them)."""
+    import numpy as np
+    import torch
+    rng = np.random.default_rng(seed)
+    n = tokens // 400 + 16
+    lengths = np.where(rng.random(n) < 0.9, 512, rng.integers(10, 512, n))
+    ends = np.cumsum(lengths)
+    lengths = lengths[:np.searchsorted(ends, tokens) + 1]
+    lengths[-1] -= int(lengths.sum()) - tokens  # exactly `tokens` in all
+    if lengths[-1] < 10:
+        lengths = lengths[:-1]
+    ids = torch.from_numpy(rng.integers(0, cfg.PAD_TOKEN_ID, int(lengths.sum()), dtype=np.int64))
+    chunks = [t.clone() for t in ids.split(lengths.tolist())]  # separate storages, as theirs
+    del ids
+    tmp = path.with_suffix(".tmp")
+    torch.save(chunks, tmp)
+    os.replace(tmp, path)
+
+
+def _proc_status(key: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _pipeline_rate(datasets, seconds: float, num_threads: int | None = None) -> float:
+    """Batches/s of all `datasets` read at once, one thread each (one: the calling thread)."""
+    import threading
+
+    import grain
+    from minigpt_jax import data
+    counts = [0] * len(datasets)
+    stop = time.perf_counter() + seconds
+
+    def read(i):
+        if num_threads is None:
+            it = data.batch_iterator(datasets[i], 0, 0)
+        else:  # the previous setting, read-ahead threads, for comparison
+            it = iter(datasets[i].to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                                    prefetch_buffer_size=8)))
+        n = 0
+        while n % 256 or time.perf_counter() < stop:
+            next(it)
+            n += 1
+        counts[i] = n
+
+    t = time.perf_counter()
+    if len(datasets) == 1:
+        read(0)
+    else:
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(datasets))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    return sum(counts) / (time.perf_counter() - t)
+
+
+def measure_data(path: str, seq_len: int, batch_size: int, seconds: float) -> dict:
+    """In a fresh process: load, check + flatten, prepare, then pipeline batches/s."""
+    from minigpt_jax import data
+    from torch_compat.data import sequences_from_pt
+    from torch_compat.pt_io import load_pt, require_torch
+    require_torch("the data benchmark")  # imported before the baseline RSS: not the file's load
+    out = {"rss_start": _proc_status("VmRSS")}
+    t = time.perf_counter()
+    obj = load_pt(path, data.DataError)
+    out["load_s"] = time.perf_counter() - t
+    out["rss_loaded"], out["hwm_load"] = _proc_status("VmRSS"), _proc_status("VmHWM")
+    try:  # reset the peak, so it measures what comes after the load
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out["hwm_reset"] = True
+    except OSError:
+        out["hwm_reset"] = False
+    t = time.perf_counter()
+    seqs = sequences_from_pt(obj, path)
+    out["read_s"] = time.perf_counter() - t
+    del obj  # as read_sequences drops it on return
+    t = time.perf_counter()
+    c = cfg.Config(seq_len=seq_len, batch_size=batch_size)
+    prepared = data.prepare(seqs, c)
+    out["prepare_s"] = time.perf_counter() - t
+    out["hwm"], out["rss_end"] = _proc_status("VmHWM"), _proc_status("VmRSS")
+    out.update(sequences=len(seqs), tokens=len(seqs.tokens), summary=prepared.summary(),
+               train=len(prepared.train), val=len(prepared.val))
+    make = lambda seed: data.batch_dataset(prepared.train, batch_size, seed, 1000)  # noqa: E731
+    _pipeline_rate([make(c.seed)], 0.5)  # warm-up: the epoch's permutation, caches
+    out["rate_1"] = _pipeline_rate([make(c.seed)], seconds)
+    out["rate_5"] = _pipeline_rate([make(c.seed) for _ in range(5)], seconds)
+    out["rate_1_threads2"] = _pipeline_rate([make(c.seed)], seconds, num_threads=2)
+    return out
+
+
+def data_main(args) -> int:
+    """--section data: time and size the data path on a users'-shaped file -> BENCHMARKS.md."""
+    import subprocess
+    path = pathlib.Path(args.data_file)
+    t = time.perf_counter()
+    if not path.exists():
+        print(f"bench.py: writing {path} ({args.data_tokens:,} tokens)", file=sys.stderr)
+        make_tokenized_file(path, args.data_tokens)
+    made_s = time.perf_counter() - t
+    call = (f"measure_data({str(path)!r}, {args.data_seq_len}, {args.data_batch_size},"
+            f" {args.data_seconds})")
+    code = (f"import json, sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'scripts')!r}];"
+            f" import bench; print(json.dumps(bench.{call}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        fail(f"measuring {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    int32 = 4 * m["tokens"]
+    extra = m["hwm"] - m["rss_loaded"]
+    work = m["read_s"] + m["prepare_s"]
+    shape = f"batch_size {args.data_batch_size} x seq_len {args.data_seq_len}"
+    peak = ("reset (clear_refs) after torch.load returns" if m["hwm_reset"]
+            else "since the process started (reset unavailable)")
+    command = ("python scripts/bench.py " + " ".join(sys.argv[1:])).strip()
+    machine = describe_machine(False)
+    lines = [
+        "<!-- bench:begin data -->",
+        "### Measured: data",
+        "",
+        f"- Machine: {machine['host']}; {machine['versions']}.",
+        f"- Command: `{command}`",
+        f"- File: `{path}`, {mib(path.stat().st_size)}, {m['sequences']:,} int64 tensors"
+        f" ({m['tokens']:,} tokens: 90% exactly 512, the rest 10..511, random ids)"
+        + (f"; written in {made_s:.0f} s." if made_s > 1 else " (reused)."),
+        f"- Prepared (seq_len {args.data_seq_len}, val_fraction 0.05): {m['summary']}.",
+        f"- Each stage runs once, in a fresh process; peak memory is VmHWM {peak}.",
+        f"- Pipelines: {shape}, {args.data_seconds:g} s each, after a warm-up.",
+        "",
+        "| stage | measured | target |",
+        "|---|---:|---|",
+        f"| torch.load (weights_only) | {m['load_s']:.1f} s; RSS"
+        f" +{mib(m['rss_loaded'] - m['rss_start'])} (peak +{mib(m['hwm_load'] - m['rss_start'])})"
+        " | the file's own load |",
+        f"| check + flatten to int32 (`sequences_from_pt`) | {m['read_s']:.1f} s | |",
+        f"| split + segment + statistics (`data.prepare`) | {m['prepare_s']:.1f} s | |",
+        f"| check + segment + split, load excluded | **{work:.1f} s** | <= 60 s |",
+        f"| the same, load included | **{work + m['load_s']:.1f} s** | |",
+        f"| peak RSS above the loaded file | **{mib(extra)}** = {extra / int32:.2f}x the tokens'"
+        f" int32 size ({mib(int32)}) | <= 3x |",
+        f"| one pipeline (`batch_dataset` + `batch_iterator`) | **{m['rate_1']:,.0f} batches/s**"
+        " | >= 20,000/s |",
+        f"| five pipelines, one thread each | **{m['rate_5']:,.0f} batches/s** in all ="
+        f" {m['rate_5'] / m['rate_1']:.2f}x one | >= 4x one |",
+        "| one pipeline through 2 grain read-ahead threads (the previous setting) |"
+        f" {m['rate_1_threads2']:,.0f} batches/s | |",
+        "",
+        "<!-- bench:end data -->",
+    ]
+    marks = ("<!-- bench:begin data -->", "<!-- bench:end data -->")
+    write_section(pathlib.Path(args.out), *marks, lines)
+    print("\n".join(lines))
+    print(f"bench.py: wrote {args.out}")
+    return 0
+
+
 # --- report ------------------------------------------------------------------------------
 
 def fmt(x, spec: str, none: str = "-") -> str:
@@ -408,10 +585,15 @@ def write_markdown(path: pathlib.Path, section: str, machine: dict, rows: list[d
             f"| {fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | {fmt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '.0f')} "
             f"| {r['first_loss']:.4f} | {fmt(r['pipeline_x'], ',.0f')} | {r['warmup_s']:.0f} |")
     lines += ["", END]
+    write_section(path, BEGIN, END, lines)
+
+
+def write_section(path: pathlib.Path, begin: str, end: str, lines: list[str]) -> None:
+    """Put lines (which start with begin and end with end) in place of the old section, or append."""
     text = "\n".join(lines)
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        text = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    if begin in old and end in old:
+        text = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
     elif old:
         text = old.rstrip() + "\n\n" + text + "\n"
     else:
@@ -421,6 +603,8 @@ def write_markdown(path: pathlib.Path, section: str, machine: dict, rows: list[d
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.section == "data":  # the data path, not the step: see data_main
+        return data_main(args)
     try:
         configs = parse_configs(args.configs, cfg.parse_overrides(args.overrides))
         names = [c.strip() for c in args.contenders.split(",") if c.strip()]
