@@ -3,20 +3,29 @@
 Layout: `<out>/checkpoints/<name>/<step>/` with three Orbax items:
 - `state`: {"step", "params", "opt_state"} (StandardSave; plain Orbax restores it);
 - `config`: the full Config as JSON, so a checkpoint says what it is;
-- `progress`: the grain iterator state (the next batch index: the stream is a
-  random-access MapDataset) and the metrics rows so far, so a resumed run
-  writes the same CSV and curves as one that never stopped.
-The state is copied to host NumPy arrays and saved synchronously: the train
-step donates its buffers, so nothing may read them after the next step; and a
-checkpoint without a device layout restores on any machine.
-A save is written to `<step>.orbax-checkpoint-tmp-*` and renamed when complete,
-so a process killed while saving leaves no step folder, only a temporary one
-that `latest_step` ignores (and a training manager deletes).
+- `progress`: a fixed-size record, {"step", "next_batch" (the grain
+  MapDataset position: the stream is random access), "tokens" (label tokens
+  seen), "seconds" (training wall time so far)}. The per-step metrics are not
+  in it: they live in the append-only metrics files, which a resume cuts back
+  to the checkpoint's step (metrics.py), so a save costs the same at step 100
+  as at step 100,000.
+A save copies the state to host NumPy arrays (the step donates its buffers, so
+nothing may read them after the next step, and a checkpoint without a device
+layout restores on any machine), then Orbax writes it in the background while
+training goes on. A save is written to `<step>.orbax-checkpoint-tmp-*` and
+renamed when complete, so a process killed while saving leaves no step folder,
+only a temporary one that `latest_step` ignores (and a training manager
+deletes). A save that fails (disk full, no permission) is one SaveError line
+naming the folder, the cause and the space it needed; the previous checkpoint
+stays as it was.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
+import shutil
 import sys
 
 import jax
@@ -27,17 +36,35 @@ from minigpt_jax.config import Config, ConfigError
 from minigpt_jax.train import TrainState, create_state
 
 
+PROGRESS_KEYS = ("step", "next_batch", "tokens", "seconds")
+
+
+def progress_record(step: int = 0, next_batch: int = 0, tokens: int = 0, seconds: float = 0.0) -> dict:
+    """The progress item: where the data stream and the counters stand at `step`."""
+    return {"step": int(step), "next_batch": int(next_batch), "tokens": int(tokens), "seconds": float(seconds)}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or of another config."""
 
 
-def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written; the message is one line."""
+
+
+def checkpoint_dir(out_dir: pathlib.Path, name: str) -> pathlib.Path:
+    return pathlib.Path(out_dir) / "checkpoints" / name
+
+
+def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = False,
+            asynchronous: bool = False) -> ocp.CheckpointManager:
     """cleanup_tmp: delete the temporary folders of saves that never finished (only
-    for the one process that trains into `directory`: it would delete a running save)."""
+    for the one process that trains into `directory`: it would delete a running save).
+    asynchronous: save() returns once the state is on the host; the write goes on."""
     return ocp.CheckpointManager(
         pathlib.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=cleanup_tmp,
         ),
     )
@@ -79,18 +106,97 @@ def host_state_tree(state: TrainState) -> dict:
     return jax.device_get(state_tree(state))
 
 
-def save(mngr: ocp.CheckpointManager, state: TrainState, config: Config, progress: dict) -> None:
-    step = int(state.step)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host_state_tree(state)),
-            config=ocp.args.JsonSave(config.to_dict()),
-            progress=ocp.args.JsonSave(progress),
-        ),
-        force=True,
+def _save_args(host_state: dict, config: Config, progress: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(host_state),
+        config=ocp.args.JsonSave(config.to_dict()),
+        progress=ocp.args.JsonSave(progress),
     )
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, config: Config, progress: dict) -> None:
+    """Save and wait for the write (scripts; training uses a Checkpointer)."""
+    mngr.save(int(state.step), args=_save_args(host_state_tree(state), config, progress), force=True)
     mngr.wait_until_finished()
+
+
+def _cause(e: BaseException) -> str:
+    """The reason of a failed write in a few words: the OS error where there is one."""
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return os.strerror(int(code.group(1)))
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return brief(e)
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**20:.1f} MB"
+
+
+class Checkpointer:
+    """One experiment's checkpoints while it trains: asynchronous saves, one-line failures.
+
+    save() blocks only while the state is copied to the host; Orbax writes it in
+    the background, and the next save() (or wait()) first waits for that write.
+    A failed write raises SaveError from the next save() or wait().
+    """
+
+    def __init__(self, directory: pathlib.Path, config: Config, fresh: bool, lead: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self.config = config
+        if fresh and lead and self.directory.exists():
+            shutil.rmtree(self.directory)  # a fresh run replaces the old one
+        self.mngr = manager(self.directory, cleanup_tmp=True, asynchronous=True)
+        self.pending: tuple[int, int] | None = None  # (step, bytes) of the save being written
+        self.saved: int | None = self.mngr.latest_step()
+
+    def restore(self, step: int, placement=None) -> tuple[TrainState, dict]:
+        return restore(self.mngr, step, self.config, placement)
+
+    def _failed(self, step: int, need: int, e: BaseException) -> SaveError:
+        _drop_late_read_callbacks()  # the write's own callbacks fail after it, one traceback each
+        try:
+            free = f", {_megabytes(shutil.disk_usage(self.directory).free)} free there"
+        except OSError:
+            free = ""
+        kept = f"the checkpoint of step {self.saved} is kept" if self.saved is not None else "no checkpoint is kept"
+        return SaveError(f"checkpoint {self.directory}: saving step {step} failed ({_cause(e)}; it needs"
+                         f" about {_megabytes(need)}{free}); {kept}")
+
+    def wait(self) -> None:
+        """Wait for the write in flight; SaveError if it failed."""
+        if self.pending is None:
+            return
+        step, need = self.pending
+        self.pending = None
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failed(step, need, e) from None
+        self.saved = step
+
+    def save(self, state: TrainState, progress: dict) -> None:
+        """Copy the state to the host (blocking) and start writing it (not blocking)."""
+        self.wait()
+        step = int(state.step)
+        host = host_state_tree(state)
+        need = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(host))
+        try:
+            self.mngr.save(step, args=_save_args(host, self.config, progress), force=True)
+        except Exception as e:
+            raise self._failed(step, need, e) from None
+        self.pending = (step, need)
+
+    def close(self) -> None:
+        """Wait for the last write and release the manager; SaveError if the write failed."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.mngr.close()
+            except Exception:  # a failed write was reported by wait(); closing must not hide it
+                pass
 
 
 def read_config(mngr: ocp.CheckpointManager, step: int) -> Config:
@@ -150,8 +256,8 @@ def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> None:
         got, want = (saved[i] if i < len(saved) else "none"), (expected[i] if i < len(expected) else "none")
         raise CheckpointError(f"{where}: its state does not match its config (array {i} of {len(saved)}"
                               f" is {got}; expected {want})")
-    if not isinstance(progress, dict) or not {"next_batch", "rows", "val_rows"} <= set(progress) \
-            or progress["next_batch"] != saved_step or saved_step != step:
+    if not isinstance(progress, dict) or not set(PROGRESS_KEYS) <= set(progress) \
+            or progress["step"] != saved_step or saved_step != step:
         raise CheckpointError(f"{where}: its progress item does not match its state at step {saved_step}")
 
 
@@ -178,3 +284,36 @@ def load_params(path: pathlib.Path) -> tuple[dict, Config, int]:
     config = read_config(mngr, step)
     state, _ = restore(mngr, step, config)
     return state.params, config, step
+
+
+def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config]) -> None:
+    """Before any training: each experiment's latest checkpoint, where there is one, must be
+    complete, readable in full and of the same config; CheckpointError (one line, with what
+    to do) if not."""
+    for name, c in configs.items():
+        path = checkpoint_dir(out_dir, name)
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a folder; expected the Orbax checkpoints of {name}")
+        mngr = manager(path)
+        steps = mngr.all_steps()
+        if not steps:
+            continue
+        step = steps[-1]
+        try:
+            saved = read_config(mngr, step)
+            diffs = config_differences(saved, c)
+            if not diffs:
+                verify(mngr, step, c)
+        except CheckpointError as e:
+            instead = f"resume from step {steps[-2]}" if len(steps) > 1 else f"start {name} afresh"
+            raise CheckpointError(
+                f"checkpoint {e}; expected a complete checkpoint: delete {path / str(step)}"
+                f" to {instead}, or run without --resume") from None
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {path}/{step} was made with another config"
+                f" ({'; '.join(diffs)} [saved vs now]); expected the same config: --set the saved"
+                " values, or run without --resume to start afresh"
+            )

@@ -46,8 +46,10 @@ class Config:
     max_epochs: int = 1  # passes over the training chunks
     seed: int = 42  # parameter init, shuffling, dropout and the held-out split
     val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
-    eval_every: int = 50  # steps between validation passes (and one at the end)
-    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    eval_every: int = 200  # steps between evaluations of the eval_batches sample (the whole held-out set at the end)
+    eval_batches: int = 20  # held-out batches in the fixed, seeded sample evaluated every eval_every steps
+    ckpt_minutes: float = 10.0  # wall-clock minutes between checkpoints (always one at the end and on a stop)
+    ckpt_every: int = 0  # also a checkpoint every this many steps; 0 = by the clock only
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
     segmentation: str = "pytorch"  # "pytorch": SPEC's rule (32..128 kept whole, longer cut); "chunks": every token
     # optimizer options (optim.py); the defaults are the PyTorch project's AdamW
@@ -66,7 +68,7 @@ class Config:
                     f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}"
                 )
         positive = ("vocab_size", "embed_dim", "n_heads", "n_layers", "ffn_mult",
-                    "batch_size", "max_epochs", "eval_every", "ckpt_every")
+                    "batch_size", "max_epochs", "eval_every", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer (>= 1)")
@@ -96,6 +98,10 @@ class Config:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 0.5]")
         if self.seed < 0 or self.seed >= 2**32:
             raise ConfigError(f"seed={self.seed}: must be in [0, 2**32)")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"ckpt_every={self.ckpt_every}: must be >= 0 (0 = by the clock only)")
+        if not self.ckpt_minutes > 0:  # also refuses NaN
+            raise ConfigError(f"ckpt_minutes={self.ckpt_minutes}: must be > 0")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
         if self.dtype not in DTYPES:

@@ -38,8 +38,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-METRIC_FIELDS = ("step", "tokens", "loss", "perplexity", "seconds")
-VAL_FIELDS = ("step", "tokens", "val_loss", "val_perplexity")
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 120  # 960 x 600 pixels
 HEAD_FRACTION = 0.1  # share of each run allowed above the y range
@@ -93,10 +91,15 @@ def write_csv(path: pathlib.Path, rows: list[dict], fields: tuple[str, ...]) -> 
     atomic_write_bytes(path, csv_text(rows, fields).encode())
 
 
-def write_metrics(out_dir: pathlib.Path, name: str, rows: list[dict]) -> pathlib.Path:
-    path = pathlib.Path(out_dir) / f"metrics_{name}.csv"
-    write_csv(path, rows, METRIC_FIELDS)
-    return path
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """A metrics CSV (metrics.CsvWriter's) as rows of numbers: step and tokens int, the rest
+    float (an empty cell is NaN); [] when the file does not exist."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("step", "tokens") else float(v) if v else math.nan)
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # --- smoothing ---------------------------------------------------------------

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         params, config = torch_compat.load_params(args.state_dict, n_heads=args.n_heads)
         config = config.replace(**overrides)
         state = create_state(config, params)
-        checkpoint.save(checkpoint.manager(out), state, config, {"next_batch": 0, "rows": [], "val_rows": []})
+        checkpoint.save(checkpoint.manager(out), state, config, checkpoint.progress_record())
     except (cfg.ConfigError, checkpoint.CheckpointError, torch_compat.StateDictError,
             torch_compat.TorchMissingError, OSError) as e:
         print(f"import_state_dict.py: error: {e}", file=sys.stderr)

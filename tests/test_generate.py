@@ -145,7 +145,7 @@ def saved(model, tmp_path_factory):
     params, c = model
     root = tmp_path_factory.mktemp("gen")
     mngr = checkpoint.manager(root / "checkpoints" / "tiny")
-    checkpoint.save(mngr, create_state(c, params), c, {"next_batch": 0, "rows": []})
+    checkpoint.save(mngr, create_state(c, params), c, checkpoint.progress_record())
     pt = None
     try:
         import torch_compat
