@@ -1,16 +1,31 @@
 # make run: all five experiments on the default corpus, results in outcome/
-# make test: the whole test suite
+# make test: the whole test suite (on the CPU, whatever JAX finds)
+# make test-gpu: the tests marked gpu, on the GPU (a machine with an NVIDIA GPU)
+# On a machine where `nvidia-smi -L` lists a GPU, the set-up installs jax[cuda12];
+# JAX_EXTRA=cuda13 (or cuda12) chooses the build, JAX_EXTRA=cpu forces the CPU-only one.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+JAX_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda12 || echo cpu)
+ifeq ($(filter $(JAX_EXTRA),cpu cuda12 cuda13),)
+$(error JAX_EXTRA=$(JAX_EXTRA): expected cpu, cuda12 or cuda13)
+endif
+comma := ,
+EXTRAS := test$(if $(filter-out cpu,$(JAX_EXTRA)),$(comma)$(JAX_EXTRA))
+# one stamp per build, so switching JAX_EXTRA reinstalls
+STAMP := $(VENV)/.installed-$(JAX_EXTRA)
 
-.PHONY: run test clean
+.PHONY: run test test-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+ifeq ($(JAX_EXTRA),cpu)
+	@# a venv that had a CUDA build keeps its plugin unless removed, and JAX would still pick the GPU
+	$(PY) -m pip uninstall --quiet -y jax-cuda12-plugin jax-cuda12-pjrt jax-cuda13-plugin jax-cuda13-pjrt
+endif
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -18,6 +33,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	MINIGPT_TEST_GPU=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outcome/*.png outcome/*.csv outcome/*.txt outcome/*.pt outcome/checkpoints
