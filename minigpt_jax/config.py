@@ -204,3 +204,8 @@ def experiment_config(name: str, overrides: dict[str, Any] | None = None) -> Con
         raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
     merged = {**(overrides or {}), **EXPERIMENTS[name]}
     return BASELINE.replace(**merged)
+
+
+def override_text(name: str) -> str:
+    """An experiment's own override as text: 'lr=0.001'."""
+    return ", ".join(f"{k}={v}" for k, v in EXPERIMENTS[name].items())

@@ -46,7 +46,7 @@ BLOCK = 10  # steps per block: one fused dispatch on accelerators, one host read
 TRAIN_FIELDS = {"tokens": "train/tokens", "loss": "train/loss", "perplexity": "train/perplexity",
                 "lr": "train/lr", "grad_norm": "train/grad_norm", "seconds": "train/seconds",
                 "elapsed": "train/elapsed"}  # CSV column -> tag
-VAL_FIELDS = {"tokens": "train/tokens", "val_loss": "val/loss", "val_perplexity": "val/perplexity"}
+VAL_FIELDS = {"tokens": "val/tokens", "val_loss": "val/loss", "val_perplexity": "val/perplexity"}
 
 
 @dataclasses.dataclass
@@ -282,7 +282,7 @@ def run_experiment(
 
     def validate(groups, at: int) -> None:
         vl, vp = evaluate(state, groups)
-        writer.write_scalars(at, {"train/tokens": tokens, "val/loss": vl, "val/perplexity": vp})
+        writer.write_scalars(at, {"val/tokens": tokens, "val/loss": vl, "val/perplexity": vp})
 
     batches = data.batch_iterator(ds, progress["next_batch"], c.num_workers)
     try:

@@ -1,11 +1,16 @@
-"""Optimizer, train state and the jitted training and evaluation steps.
+"""Train state and the jitted training and evaluation steps.
 
 - `train_step(state, batch, rng) -> (state, metrics)` is pure and jitted once;
   the state is donated so parameters are updated in place. `train_steps` runs
-  K of them in one dispatch (`lax.scan`) and returns every step's metrics.
+  K of them in one dispatch (`lax.scan`), the steps past `n` masked, so a
+  short block is the same compiled program. Metrics: loss, perplexity, label
+  tokens, the learning rate of the step and the gradients' global norm.
 - The dropout key is `fold_in(rng, step)`: a fresh mask every step, and a run
   that resumes at step k draws the same masks as one that never stopped.
-- AdamW with PyTorch's defaults (optax's own weight decay default is 1e-4).
+- The optimizer is optim.make_optimizer (AdamW with PyTorch's defaults); its
+  lr and weight decay are values in the state, and `apply_fn` is built from
+  the model fields only, so experiments that differ in training values (lr,
+  batch size, seed...) but not in shapes share one compiled step.
 - The steps never build the (B, L, 50257) float32 logits: the model returns
   its final hidden states and `losses.head_loss` runs the LM head and its cross
   entropy in chunks (losses.py), equal to `masked_lm_loss` on the full logits.
@@ -18,19 +23,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax.training import train_state
 from jax import lax
 
-from minigpt_jax import host
+from minigpt_jax import optim
 from minigpt_jax.config import Config
 from minigpt_jax.losses import head_loss, masked_lm_loss  # noqa: F401  (masked_lm_loss: re-exported)
 from minigpt_jax.model import MiniGPT, init_params
-
-
-def tune_host_allocator() -> bool:
-    """Transitional: `host.tune_host_allocator(platform)`, until scripts/run.py calls it there."""
-    return host.tune_host_allocator(jax.default_backend())
 
 
 def device_prefetch(batches, put=jax.device_put, size: int = 2):
@@ -48,17 +47,27 @@ class TrainState(train_state.TrainState):
     """Params, AdamW state and step; apply_fn and tx are static."""
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    return optax.adamw(config.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout", "dtype")
 
 
-def create_state(config: Config, params=None) -> TrainState:
-    """A train state at step 0, from `params` or a fresh init seeded by config.seed."""
+def model_config(config: Config) -> Config:
+    """The config with only the model's fields kept (the rest default): what apply_fn closes over."""
+    return Config(**{k: getattr(config, k) for k in MODEL_FIELDS})
+
+
+@functools.cache
+def _model(model_cfg: Config) -> MiniGPT:
+    # one instance per shape: jit compares the static apply_fn, a bound method, by its module's identity
+    return MiniGPT(model_cfg)
+
+
+def create_state(config: Config, params=None, total_steps: int | None = None) -> TrainState:
+    """A train state at step 0, from `params` or a fresh init seeded by config.seed.
+    total_steps: the run's length, which a cosine schedule needs."""
     if params is None:
         params = init_params(config, jax.random.key(config.seed))
-    return TrainState.create(
-        apply_fn=MiniGPT(config).apply, params=params, tx=make_optimizer(config)
-    )
+    return TrainState.create(apply_fn=_model(model_config(config)).apply, params=params,
+                             tx=optim.make_optimizer(config, total_steps))
 
 
 def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -77,7 +86,8 @@ def _step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainSta
         state.params, state.apply_fn, batch, dropout_key(rng, state.step)
     )
     state = state.apply_gradients(grads=grads)
-    return state, {"loss": loss, "perplexity": jnp.exp(loss), "tokens": n_labels}
+    return state, {"loss": loss, "perplexity": jnp.exp(loss), "tokens": n_labels,
+                   "lr": optim.current_lr(state.opt_state), "grad_norm": optim.global_norm(grads)}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -88,18 +98,42 @@ def train_step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[Tra
 
 @functools.partial(jax.jit, donate_argnums=0)
 def train_steps(
-    state: TrainState, batches_KBL: jax.Array, rng: jax.Array
+    state: TrainState, batches_KBL: jax.Array, rng: jax.Array, n: jax.Array | None = None
 ) -> tuple[TrainState, dict]:
-    """K AdamW steps on (K, B, L) batches in one dispatch -> metrics of shape (K,).
+    """The first n (default K) of K AdamW steps on (K, B, L) batches, in one dispatch ->
+    metrics of shape (K,), those past n meaningless.
 
-    Exactly K successive `train_step` calls: same dropout keys, same metrics.
+    The first n are exactly n successive `train_step` calls: same dropout keys,
+    same metrics. Steps past n are computed and discarded (a select, not a
+    branch: a conditional would read its predicate back to the host on GPUs);
+    only a run's last, short block has any.
     """
-    return lax.scan(lambda s, batch: _step(s, batch, rng), state, batches_KBL)
+    K = batches_KBL.shape[0]
+    n = K if n is None else n
+
+    def body(s, i_batch):
+        i, batch = i_batch
+        new, m = _step(s, batch, rng)
+        keep = i < n
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, s), m
+
+    return lax.scan(body, state, (jnp.arange(K), batches_KBL))
+
+
+def _eval(state: TrainState, batch: jax.Array) -> dict:
+    h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
+    loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
+    return {"loss_sum": loss * n_labels, "tokens": n_labels}
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: jax.Array) -> dict:
     """Summed loss and label count of a batch, without dropout."""
-    h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
-    loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
-    return {"loss_sum": loss * n_labels, "tokens": n_labels}
+    return _eval(state, batch)
+
+
+@jax.jit
+def eval_steps(state: TrainState, batches_KBL: jax.Array) -> dict:
+    """Summed loss and label count over (K, B, L) batches, in one dispatch."""
+    _, m = lax.scan(lambda c, b: (c, _eval(state, b)), None, batches_KBL)
+    return {k: v.sum() for k, v in m.items()}

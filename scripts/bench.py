@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-seconds", type=float, default=5.0,
                    help="--section data: seconds per pipeline rate (default: %(default)s)")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="keep glibc's default allocator (otherwise train.tune_host_allocator, for all contenders)")
+                   help="keep glibc's default allocator (otherwise host.tune_host_allocator, for all contenders)")
     return p.parse_args(argv)
 
 
@@ -191,9 +191,8 @@ def make_batches(c: cfg.Config, kind: str):
         rng = np.random.default_rng(c.seed)
         return [rng.integers(0, cfg.PAD_TOKEN_ID, (c.batch_size, c.seq_len)).astype(np.int32)
                 for _ in range(N_BATCHES)], None
-    from minigpt_jax import corpus, data
-    seqs = corpus.default_corpus()
-    train_chunks, _ = data.split_chunks(data.chunk_sequences(seqs, c.seq_len), c.val_fraction, c.seed)
+    from minigpt_jax import data, sources
+    train_chunks = data.prepare(sources.default_corpus(), c).train
     per_epoch = data.steps_per_epoch(len(train_chunks), c.batch_size)
     n = 400
     ds = data.batch_dataset(train_chunks, c.batch_size, c.seed, -(-n // per_epoch))
@@ -553,7 +552,7 @@ def write_markdown(path: pathlib.Path, section: str, machine: dict, rows: list[d
         f"### Measured: {section}",
         "",
         f"- Machine: {machine['host']}; JAX device `{machine['platform']}` ({machine['kind']}); {machine['versions']}.",
-        f"- Host allocator: {'tuned (`train.tune_host_allocator()`, every contender)' if machine['tuned'] else 'glibc default'};"
+        f"- Host allocator: {'tuned (`host.tune_host_allocator()`, every contender)' if machine['tuned'] else 'glibc default'};"
         f" XLA_FLAGS: `{machine['xla_flags'] or '(none)'}`.",
         f"- Command: `{command}`",
         f"- Ceiling: float32 {4096 if not machine['gpu'] else 8192}^3 matmul, timed every round: "
@@ -619,8 +618,10 @@ def main(argv=None) -> int:
         fail(str(e))
 
     # Before JAX or PyTorch allocate anything; process-wide, so PyTorch runs with it too.
-    from minigpt_jax import train
-    tuned = not args.no_tune_allocator and train.tune_host_allocator()
+    import jax
+
+    from minigpt_jax import host
+    tuned = not args.no_tune_allocator and host.tune_host_allocator(jax.default_backend())
     names = [n for n in CONTENDERS if n in names]  # JAX first: PyTorch starts from its parameters
 
     machine = describe_machine(tuned)

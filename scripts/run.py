@@ -144,24 +144,32 @@ def device_indices(text: str) -> list[int]:
     return indices
 
 
-def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False) -> tuple[list, str | None]:
+def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False,
+                  index: dict[int, int] | None = None) -> tuple[list, str | None]:
     """Per experiment, the tuple of devices it runs on; and a notice when some listed
     indices do not exist (the PyTorch project's rule: those are left out; none left,
-    every available device is used; on a CPU-only machine that is the CPU)."""
+    every available device is used; on a CPU-only machine that is the CPU).
+
+    index: the user's GPU index -> JAX's, when only the listed GPUs were made
+    visible (host.restrict_gpus); indices not in it do not exist.
+    """
     import jax
 
     devices = jax.devices()
     if text is None:
         return [tuple(devices) if data_parallel else (devices[0],)] * n_experiments, None
     indices = device_indices(text)
+    exists = (lambda i: i in index) if index is not None else (lambda i: 0 <= i < len(devices))
+    jax_index = (lambda i: index[i]) if index is not None else (lambda i: i)
     notice = None
-    kept = [i for i in indices if 0 <= i < len(devices)]
+    kept = [i for i in indices if exists(i)]
     if len(kept) < len(indices):
         missing = [i for i in indices if i not in kept]
         if not kept:
-            kept = list(range(len(devices)))
+            kept, jax_index = list(range(len(devices))), (lambda i: i)
         notice = (f"--devices {text}: {len(devices)} {devices[0].platform} device(s) found, no index"
                   f" {','.join(map(str, missing))}; using {','.join(map(str, kept))}")
+    devices = {i: devices[jax_index(i)] for i in kept}
     indices = kept
     if data_parallel:
         if len(set(indices)) != len(indices):
@@ -207,52 +215,82 @@ def check_out_dir(out: pathlib.Path) -> None:
                          " expected a writable folder") from None
 
 
+def load_sources(path: str | None, vocab_size: int):
+    """The training data once, checked: a .pt file or data folder, or the default corpus."""
+    from minigpt_jax import sources
+
+    if path is None:
+        return sources.default_corpus(vocab_size)
+    from torch_compat.data import read_sequences
+
+    return read_sequences(path, vocab_size)
+
+
+def export_state_dict(out: pathlib.Path, r) -> None:
+    """outcome/mini_gpt_<name>.pt, or one notice without torch."""
+    from tqdm.auto import tqdm
+
+    try:
+        import torch_compat
+
+        torch_compat.require_torch(f"exporting mini_gpt_{r.name}.pt")
+    except ImportError as e:
+        tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({str(e).splitlines()[0]})")
+        return
+    import jax
+
+    torch_compat.save_state_dict(jax.device_get(r.state.params), out / f"mini_gpt_{r.name}.pt")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     try:
         configs, max_steps = check_arguments(args)
-        if args.devices is not None:
-            device_indices(args.devices)
+        listed = device_indices(args.devices) if args.devices is not None else None
         check_out_dir(out)
     except (cfg.ConfigError, UsageError) as e:
         fail(str(e))
 
+    # Before JAX starts: keep it off the GPUs --devices does not list, preallocating nothing.
+    from minigpt_jax import host
+
+    restriction = host.restrict_gpus(listed, os.environ, host.cuda_installed(), host.gpu_count())
+    os.environ.update(restriction.env)
+
     # Heavy imports once the arguments are known to be good: --help and errors stay fast.
-    from minigpt_jax import corpus, data, report, runner, train
+    import jax
 
-    runner.enable_compilation_cache()
-    train.tune_host_allocator()  # before the first computation: see BENCHMARKS.md
+    from minigpt_jax import checkpoint, data, loop, parallel, report
 
+    host.enable_compilation_cache()
+    lead = True
     try:
         init_distributed(args)
-        devices, notice = parse_devices(args.devices, len(configs), args.data_parallel)
-        if notice and runner.jax.process_index() == 0:
+        lead = jax.process_index() == 0
+        host.tune_host_allocator(jax.default_backend())  # before the first computation: BENCHMARKS.md
+        devices, notice = parse_devices(args.devices, len(configs), args.data_parallel, restriction.index)
+        if notice and lead:
             print(f"run.py: {notice}", file=sys.stderr)
         for name, c in configs.items():
             if c.batch_size % len(devices[0]):
                 raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"
                                  f" {len(devices[0])} data-parallel devices")
-        if args.data is not None:
-            import torch_compat
-
-            seqs, source = torch_compat.load_sequences(
-                args.data, vocab_size=max(c.vocab_size for c in configs.values()))
-        else:
-            seqs, source = corpus.default_corpus(), "default corpus"
+        seqs = load_sources(args.data, max(c.vocab_size for c in configs.values()))
         for c in configs.values():
-            data.check_sequences(seqs, source, c.vocab_size)
+            seqs.check(c.vocab_size)
+            data.prepare(seqs, c)  # once per data setting, shared by the experiments that agree
         if args.resume:
-            runner.check_resumable(out, configs)
-    except (UsageError, data.DataError, runner.checkpoint.CheckpointError, ImportError) as e:
+            try:
+                checkpoint.check_resumable(out, configs)
+            except checkpoint.CheckpointError as e:
+                raise UsageError(f"--resume: {e}") from None
+    except (UsageError, data.DataError, ImportError) as e:
         fail(str(e))
-
-    def chunks_for(c):
-        return data.split_chunks(data.chunk_sequences(seqs, c.seq_len), c.val_fraction, c.seed)
 
     user = ", ".join(args.overrides)
     experiments = [
-        runner.Experiment(name, c, devs, ", ".join(filter(None, [runner.describe(name), user])))
+        loop.Experiment(name, c, devs, ", ".join(filter(None, [cfg.override_text(name), user])))
         for (name, c), devs in zip(configs.items(), devices)
     ]
     stop = threading.Event()
@@ -264,21 +302,35 @@ def main(argv=None) -> int:
         print(f"\nrun.py: {signal.Signals(signum).name}: saving checkpoints and stopping"
               " (send again to abort)", file=sys.stderr)
 
+    def on_result(r) -> None:
+        """Curves and the PyTorch export of an experiment, as soon as it finishes."""
+        if not lead:
+            return
+        if r.rows:
+            report.plot_experiment(out, r.name, r.rows, r.val_rows)
+        if r.state is not None:
+            export_state_dict(out, r)
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"run.py: {len(experiments)} experiment(s) on {source}; writing to {out}", file=sys.stderr)
+    if lead:
+        print(f"run.py: {len(experiments)} experiment(s) on {seqs.describe()}; writing to {out}",
+              file=sys.stderr)
     try:
-        results = runner.run_all(experiments, chunks_for, out, max_steps, args.resume, stop,
-                                 on_result=lambda r: runner.write_experiment_outputs(out, r))
-        runner.write_summary(out, results)
+        results = parallel.run_all(experiments, lambda c: data.prepare(seqs, c), out, max_steps,
+                                   args.resume, stop, on_result=on_result)
+        if lead:
+            report.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
+            report.write_results_table(out, [r.table_row() for r in results])
     except KeyboardInterrupt:
-        # Leave now, without waiting for the experiments' threads: every output is written to a
-        # temporary name and renamed, every checkpoint commits by a rename, so what exists is whole.
+        # Leave now, without waiting for the experiments' threads: plots and tables are written
+        # to a temporary name and renamed, every checkpoint commits by a rename, and a metrics
+        # file's torn last row is cut when --resume continues from the checkpoints.
         print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues from them)",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
-    if runner.jax.process_index() == 0:
+    if lead:
         for r in results:
             print(f"  {r.name:<14} {r.status}", file=sys.stderr)
         print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
