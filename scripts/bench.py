@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--section", default="main",
                    help="name of the generated section to rewrite, so several runs share one file (default: %(default)s)")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="keep glibc's default allocator (otherwise train.tune_host_allocator, for all contenders)")
+                   help="keep glibc's default allocator (otherwise host.tune_host_allocator, for all contenders)")
     return p.parse_args(argv)
 
 
@@ -376,7 +376,7 @@ def write_markdown(path: pathlib.Path, section: str, machine: dict, rows: list[d
         f"### Measured: {section}",
         "",
         f"- Machine: {machine['host']}; JAX device `{machine['platform']}` ({machine['kind']}); {machine['versions']}.",
-        f"- Host allocator: {'tuned (`train.tune_host_allocator()`, every contender)' if machine['tuned'] else 'glibc default'};"
+        f"- Host allocator: {'tuned (`host.tune_host_allocator()`, every contender)' if machine['tuned'] else 'glibc default'};"
         f" XLA_FLAGS: `{machine['xla_flags'] or '(none)'}`.",
         f"- Command: `{command}`",
         f"- Ceiling: float32 {4096 if not machine['gpu'] else 8192}^3 matmul, timed every round: "
@@ -435,8 +435,10 @@ def main(argv=None) -> int:
         fail(str(e))
 
     # Before JAX or PyTorch allocate anything; process-wide, so PyTorch runs with it too.
-    from minigpt_jax import train
-    tuned = not args.no_tune_allocator and train.tune_host_allocator()
+    import jax
+
+    from minigpt_jax import host
+    tuned = not args.no_tune_allocator and host.tune_host_allocator(jax.default_backend())
     names = [n for n in CONTENDERS if n in names]  # JAX first: PyTorch starts from its parameters
 
     machine = describe_machine(tuned)
