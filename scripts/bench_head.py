@@ -1,0 +1,102 @@
+"""Time the training step with each LM-head path (losses.HEAD_PATH) on this machine.
+
+Contenders, each a `train_step` compiled with one path, on the same batches from
+the same parameters, in interleaved rounds (a machine shared with other work
+slows all alike): `sorted` (the CPU path, what "auto" picks on the CPU),
+`static` with the CPU chunk (HEAD_CHUNK rows) and with the accelerator chunk
+(ACCEL_HEAD_CHUNK rows), and with --reference FILE the `train_step` of another
+revision's train.py (e.g. `git show main:minigpt_jax/train.py > /tmp/train_main.py`),
+to check that a change kept the CPU step's speed. Prints a markdown table.
+
+  python scripts/bench_head.py --reference /tmp/train_main.py --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # run from a checkout; bench.py's batches
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from minigpt_jax import config as cfg  # noqa: E402
+from minigpt_jax import host, losses, train  # noqa: E402
+
+
+def compiled_step(state, batch, rng, path: str | None, chunk: int | None, module=train):
+    """module's train step compiled with HEAD_PATH=path and that path's chunk rows set to chunk."""
+    saved = losses.HEAD_PATH, losses.HEAD_CHUNK, losses.ACCEL_HEAD_CHUNK
+    try:
+        if path is not None:
+            losses.HEAD_PATH = path
+        if chunk is not None:
+            losses.HEAD_CHUNK = losses.ACCEL_HEAD_CHUNK = chunk
+        # a new function object: JAX caches traces by function; the settings are read when tracing
+        step = jax.jit(lambda *a: module._step(*a), donate_argnums=0)
+        return step.lower(state, batch, rng).compile()
+    finally:
+        losses.HEAD_PATH, losses.HEAD_CHUNK, losses.ACCEL_HEAD_CHUNK = saved
+
+
+def load_reference(path: str):
+    spec = importlib.util.spec_from_file_location("train_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_head.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kinds", default="corpus,dense", help="batch kinds (bench.py's): %(default)s")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds: %(default)s")
+    p.add_argument("--steps", type=int, default=3, help="steps per contender per round")
+    p.add_argument("--reference", help="a train.py of another revision, timed alongside")
+    args = p.parse_args(argv)
+    import bench
+
+    tuned = host.tune_host_allocator(jax.default_backend())
+    c = cfg.experiment_config("baseline")
+    rng = jax.random.key(c.seed + 1)
+    params = jax.device_get(train.create_state(c).params)
+    print(f"device {jax.devices()[0].device_kind}, allocator tuned: {tuned}, "
+          f"HEAD_CHUNK {losses.HEAD_CHUNK}, ACCEL_HEAD_CHUNK {losses.ACCEL_HEAD_CHUNK}")
+    print("| batches | contender | step ms (median) | min | first loss |")
+    print("|---|---|---:|---:|---:|")
+    for kind in args.kinds.split(","):
+        batches = [jax.device_put(b) for b in bench.make_batches(c, kind)[0]]
+        contenders = {
+            "sorted (CPU path)": (None, "sorted", None),
+            f"static, {losses.HEAD_CHUNK}-row chunks": (None, "static", losses.HEAD_CHUNK),
+            f"static, {losses.ACCEL_HEAD_CHUNK}-row chunks": (None, "static", None),
+        }
+        if args.reference:
+            contenders["reference train.py"] = (load_reference(args.reference), None, None)
+        runs = {}
+        for name, (module, path, chunk) in contenders.items():
+            state = train.create_state(c, jax.tree_util.tree_map(np.array, params))
+            fn = compiled_step(state, batches[0], rng, path, chunk, module or train)
+            state, m = fn(state, batches[0], rng)
+            runs[name] = {"fn": fn, "state": state, "loss": float(m["loss"]), "t": [], "i": 1}
+        for _ in range(args.rounds):
+            for r in runs.values():
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    r["state"], m = r["fn"](r["state"], batches[r["i"] % len(batches)], rng)
+                    r["i"] += 1
+                jax.block_until_ready(m)
+                r["t"].append((time.perf_counter() - t) / args.steps)
+        for name, r in runs.items():
+            print(f"| {kind} | {name} | {1e3 * statistics.median(r['t']):.1f} | "
+                  f"{1e3 * min(r['t']):.1f} | {r['loss']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
