@@ -11,8 +11,10 @@ Layout: `<out>/checkpoints/<name>/<step>/` with three Orbax items:
   as at step 100,000.
 A save copies the state to host NumPy arrays (the step donates its buffers, so
 nothing may read them after the next step, and a checkpoint without a device
-layout restores on any machine), then Orbax writes it in the background while
-training goes on. A save is written to `<step>.orbax-checkpoint-tmp-*` and
+layout restores on any machine), then a thread of the experiment's own writes
+it with Orbax while training goes on. (Orbax's own asynchronous saves are not
+used: several managers saving the same step number at once from the
+experiments' threads failed in Orbax's temporary-folder handling.) A save is written to `<step>.orbax-checkpoint-tmp-*` and
 renamed when complete, so a process killed while saving leaves no step folder,
 only a temporary one that `latest_step` ignores (and a training manager
 deletes). A save that fails (disk full, no permission) is one SaveError line
@@ -22,6 +24,8 @@ stays as it was.
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 import pathlib
 import re
@@ -56,15 +60,13 @@ def checkpoint_dir(out_dir: pathlib.Path, name: str) -> pathlib.Path:
     return pathlib.Path(out_dir) / "checkpoints" / name
 
 
-def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = False,
-            asynchronous: bool = False) -> ocp.CheckpointManager:
+def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = False) -> ocp.CheckpointManager:
     """cleanup_tmp: delete the temporary folders of saves that never finished (only
-    for the one process that trains into `directory`: it would delete a running save).
-    asynchronous: save() returns once the state is on the host; the write goes on."""
+    for the one process that trains into `directory`: it would delete a running save)."""
     return ocp.CheckpointManager(
         pathlib.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
             cleanup_tmp_directories=cleanup_tmp,
         ),
     )
@@ -134,12 +136,23 @@ def _megabytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**20:.1f} MB"
 
 
+class _DropOrbaxWriteErrors(logging.Filter):
+    """Orbax logs a failed write with its traceback from the writing thread, then raises it
+    to the caller; the caller's one line (SaveError) is the report, so the log is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and "raised an exception" in record.getMessage())
+
+
+_DROP = _DropOrbaxWriteErrors()
+
+
 class Checkpointer:
     """One experiment's checkpoints while it trains: asynchronous saves, one-line failures.
 
-    save() blocks only while the state is copied to the host; Orbax writes it in
-    the background, and the next save() (or wait()) first waits for that write.
-    A failed write raises SaveError from the next save() or wait().
+    save() blocks only while the state is copied to the host; a writer thread
+    saves it, and the next save() (or wait()) first waits for that write. A
+    failed write raises SaveError from the next save() or wait().
     """
 
     def __init__(self, directory: pathlib.Path, config: Config, fresh: bool, lead: bool = True):
@@ -147,8 +160,11 @@ class Checkpointer:
         self.config = config
         if fresh and lead and self.directory.exists():
             shutil.rmtree(self.directory)  # a fresh run replaces the old one
-        self.mngr = manager(self.directory, cleanup_tmp=True, asynchronous=True)
-        self.pending: tuple[int, int] | None = None  # (step, bytes) of the save being written
+        self.mngr = manager(self.directory, cleanup_tmp=True)
+        if _DROP not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_DROP)
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: tuple[int, int, concurrent.futures.Future] | None = None  # (step, bytes, write)
         self.saved: int | None = self.mngr.latest_step()
 
     def restore(self, step: int, placement=None) -> tuple[TrainState, dict]:
@@ -168,13 +184,17 @@ class Checkpointer:
         """Wait for the write in flight; SaveError if it failed."""
         if self.pending is None:
             return
-        step, need = self.pending
+        step, need, write = self.pending
         self.pending = None
         try:
-            self.mngr.wait_until_finished()
+            write.result()
         except Exception as e:
             raise self._failed(step, need, e) from None
         self.saved = step
+
+    def _write(self, step: int, host: dict, progress: dict) -> None:
+        self.mngr.save(step, args=_save_args(host, self.config, progress), force=True)
+        self.mngr.wait_until_finished()
 
     def save(self, state: TrainState, progress: dict) -> None:
         """Copy the state to the host (blocking) and start writing it (not blocking)."""
@@ -182,17 +202,14 @@ class Checkpointer:
         step = int(state.step)
         host = host_state_tree(state)
         need = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(host))
-        try:
-            self.mngr.save(step, args=_save_args(host, self.config, progress), force=True)
-        except Exception as e:
-            raise self._failed(step, need, e) from None
-        self.pending = (step, need)
+        self.pending = (step, need, self.writer.submit(self._write, step, host, progress))
 
     def close(self) -> None:
         """Wait for the last write and release the manager; SaveError if the write failed."""
         try:
             self.wait()
         finally:
+            self.writer.shutdown()
             try:
                 self.mngr.close()
             except Exception:  # a failed write was reported by wait(); closing must not hide it

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import jax
 import numpy as np
@@ -176,3 +177,61 @@ def test_fused_blocks_match_single_steps_and_resume_at_block_boundaries(tmp_path
     p1 = jax.tree_util.tree_leaves(resumed.state.params)
     p2 = jax.tree_util.tree_leaves(fused.state.params)
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))  # the masked steps changed nothing
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 MB tmpfs: room for one checkpoint of small() (about 39 MB) and not for two."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); "
+                    "test_a_failing_writer_stops_with_one_line covers the behaviour")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk, prep, capfd):
+    c = small(ckpt_every=2, eval_every=100)
+    r = loop.run_experiment(loop.Experiment("full", c, jax.devices()[0]), prep, small_disk, max_steps=8)
+    err = capfd.readouterr().err
+    ckpt = small_disk / "checkpoints" / "full"
+    m = re.fullmatch(rf"failed: checkpoint {re.escape(str(ckpt))}: saving step (\d+) failed \(No space left"
+                     r" on device; it needs about 37 MB, \d+ MB free there\); the checkpoint of step (\d+)"
+                     r" is kept", r.status)
+    assert m, r.status
+    failed, kept = int(m.group(1)), int(m.group(2))
+    assert kept == failed - 2 and failed < 8
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]
+    mngr = checkpoint.manager(ckpt)
+    assert mngr.latest_step() == kept
+    checkpoint.verify(mngr, kept, c)  # the previous checkpoint is whole
+    assert [row["step"] for row in r.rows][:failed] == list(range(1, failed + 1))  # the metrics are kept
+    assert r.state is not None  # the trained state survives for an export
+
+
+def test_a_failing_writer_stops_with_one_line(tmp_path, prep, monkeypatch, capfd):
+    """The same without a small filesystem: the Orbax write itself fails with ENOSPC."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.save
+
+    def save(self, step, *a, **kw):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, step, *a, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    c = small(ckpt_every=2, eval_every=100)
+    r = loop.run_experiment(loop.Experiment("w", c, jax.devices()[0]), prep, tmp_path, max_steps=8)
+    ckpt = tmp_path / "checkpoints" / "w"
+    assert r.status.startswith(f"failed: checkpoint {ckpt}: saving step 4 failed (No space left on device;")
+    assert r.status.endswith("; the checkpoint of step 2 is kept") and "\n" not in r.status
+    assert "Traceback" not in capfd.readouterr().err
+    assert checkpoint.manager(ckpt).latest_step() == 2
+    assert [row["step"] for row in r.rows][:4] == [1, 2, 3, 4]  # the metrics are kept

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import data, runner
+from minigpt_jax import data, loop, sources
 from minigpt_jax.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,8 +28,8 @@ TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "-
 @pytest.fixture(scope="module")
 def chunks():
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, 50000, n) for n in rng.integers(10, 120, 60)]
-    return data.split_chunks(data.chunk_sequences(seqs, 32), 0.1, 0)
+    seqs = [rng.integers(0, 50000, n) for n in rng.integers(40, 200, 60)]
+    return data.prepare(sources.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
 
 
 def losses(rows):
@@ -37,25 +37,23 @@ def losses(rows):
 
 
 def test_mesh_of_four_equals_one_device(tmp_path, chunks, monkeypatch):
-    monkeypatch.setattr(runner, "write_experiment_outputs", lambda out, r: None)
-    tr, va = chunks
     c = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=8, dropout=0.0)
     devs = jax.devices()[:4]
-    one = runner.run_experiment(runner.Experiment("one", c, devs[:1]), tr, va, tmp_path / "a", max_steps=5)
-    four = runner.run_experiment(runner.Experiment("four", c, devs), tr, va, tmp_path / "b", max_steps=5)
+    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, tmp_path / "a", max_steps=5)
+    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, tmp_path / "b", max_steps=5)
     assert one.status == four.status == "ok"
     assert four.state_devices == set(devs) and four.device == "cpu:0-3"
     np.testing.assert_allclose(losses(four.rows), losses(one.rows), rtol=RTOL)
     assert [r["tokens"] for r in four.rows] == [r["tokens"] for r in one.rows]
     np.testing.assert_allclose(four.val_rows[-1]["val_loss"], one.val_rows[-1]["val_loss"], rtol=RTOL)
     # parameters are replicated: every device holds the whole tensor
-    kernel = four.state.params["lm_head"]["kernel"]
+    kernel = four.state.params["head"]["kernel"]
     assert kernel.sharding.is_fully_replicated
 
 
 def test_batch_not_divisible_is_an_error():
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 data-parallel devices"):
-        runner.Experiment("x", Config(batch_size=6), jax.devices()[:4])
+        loop.Experiment("x", Config(batch_size=6), jax.devices()[:4])
 
 
 def free_port() -> int:

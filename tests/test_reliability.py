@@ -123,11 +123,13 @@ def assert_outputs_whole(out: pathlib.Path, aborted: bool = False):
     assert aborted or not leftovers, f"temporary files left behind: {leftovers}"
     for f in out.glob("*.csv"):
         rows = list(csv.DictReader(open(f)))
-        assert rows and all(None not in r.values() and "" not in (r.get("step"), r.get("loss")) for r in rows), f
+        if aborted and f.name.startswith("metrics_"):  # append-only: an abort may tear the last row
+            rows = rows[:-1]
+        assert all(None not in r.values() and "" not in (r.get("step"), r.get("loss")) for r in rows), f
     for f in out.glob("*.png"):
         assert matplotlib.image.imread(f).shape[0] > 100, f
     for f in out.glob("*.pt"):
-        assert "lm_head.weight" in torch.load(f, weights_only=True), f
+        assert "head.weight" in torch.load(f, weights_only=True), f
     for ckpt in (out / "checkpoints").glob("*"):
         steps = committed_steps(ckpt)
         if steps:
@@ -384,7 +386,7 @@ def test_sigterm_saves_and_stops_every_running_experiment_then_resume_continues(
 
 
 def test_second_sigint_aborts_at_once_and_leaves_only_whole_files(tmp_path, data_folder):
-    from minigpt_jax import runner
+    from minigpt_jax import checkpoint
     from minigpt_jax.config import experiment_config
 
     out = tmp_path / "out"
@@ -399,10 +401,10 @@ def test_second_sigint_aborts_at_once_and_leaves_only_whole_files(tmp_path, data
     # What exists is whole, wherever the abort landed, and --resume accepts it.
     assert_outputs_whole(out, aborted=True)
     committed = committed_steps(out / "checkpoints" / "baseline")
-    assert len(metrics(out)) in committed  # written after each checkpoint commits
+    assert len(metrics(out)) >= committed[-1]  # flushed before each checkpoint is saved
     overrides = dict(s.split("=") for s in TINY[1::2])
     config = experiment_config("baseline", {k: int(v) for k, v in overrides.items()})
-    runner.check_resumable(out, {"baseline": config})  # reads the latest checkpoint in full
+    checkpoint.check_resumable(out, {"baseline": config})  # reads the latest checkpoint in full
 
 
 def test_nan_stops_that_experiment_keeps_its_last_good_checkpoint_and_the_others_finish(tmp_path, data_folder):
@@ -425,11 +427,11 @@ def test_nan_stops_that_experiment_keeps_its_last_good_checkpoint_and_the_others
     assert f"failed: baseline: non-finite loss at step {k}" in (out / "results_table.txt").read_text()
     assert table["lr_1e-3"]["status"] == "ok" and table["lr_1e-3"]["steps"] == "10"
 
-    # baseline: the steps before the diverging block and its last good checkpoint are kept, finite.
+    # baseline: the steps before the diverging one and its last good checkpoint are kept, finite.
     rows = metrics(out, "baseline")
     good = committed_steps(out / "checkpoints" / "baseline")
     assert good, "the loss diverged before the first checkpoint: lower weight_decay in this test"
-    assert good[-1] == len(rows) < k
+    assert good[-1] <= len(rows) == k - 1
     assert all(np.isfinite(float(row[2])) for row in rows)
     mngr = checkpoint.manager(out / "checkpoints" / "baseline")
     state, _ = checkpoint.restore(mngr, good[-1], checkpoint.read_config(mngr, good[-1]))

@@ -1,0 +1,169 @@
+"""Benchmark what the harness adds around the training step, at a small and at the users' data size.
+
+For each data size, in one process, on the same device and batches:
+  bare     train_step on batches already on the device, metrics read every 10 steps
+  harness  loop.run_experiment: the grain pipeline, metrics to CSV/JSONL/TensorBoard,
+           the sampled evaluation every eval_every steps, checkpoints every ckpt_every
+           steps, and the final evaluation over the whole held-out set (timed apart)
+The overhead is (harness training time - bare time) / steps; evaluation's share is
+the periodic evaluations' time over the training time. The small data is the
+default corpus; the large is a synthetic source shaped like the users' data
+(chunks of up to 512 random ids, most exactly 512) of --tokens tokens, of which
+the same val_fraction is held out, so the final evaluation grows with it and the
+rest must not.
+
+Examples:
+  python scripts/bench_harness.py                         # -> BENCHMARKS.md, "Measured: harness"
+  python scripts/bench_harness.py --set embed_dim=64 --steps 300 --tokens 28000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from minigpt_jax import config as cfg  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench_harness.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200, help="training steps per measurement (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=28_000_000,
+                   help="tokens of the large synthetic source (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides (default: the baseline with eval_every=50, ckpt_every=100)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def users_shaped(tokens: int, seed: int = 0):
+    """A Sequences of `tokens` random ids in chunks of up to 512, 90% exactly 512, none under 10."""
+    import numpy as np
+
+    from minigpt_jax import sources
+
+    rng = np.random.default_rng(seed)
+    n = tokens // 490
+    lengths = np.where(rng.random(n) < 0.9, 512, rng.integers(10, 512, n))
+    flat = rng.integers(0, cfg.PAD_TOKEN_ID, int(lengths.sum()), dtype=np.int32)
+    return sources.Sequences(flat, sources.offsets_from_lengths(lengths), "tokenized",
+                             f"synthetic ({len(flat):,} tokens in {n:,} chunks)")
+
+
+def bare_seconds(c, batches, steps: int) -> float:
+    """train_step alone on device-resident batches, metrics read every 10 steps."""
+    import jax
+
+    from minigpt_jax import train
+
+    state = train.create_state(c)
+    rng = jax.random.key(c.seed + 1)
+    dev = [jax.device_put(b) for b in batches]
+    state, m = train.train_step(state, dev[0], rng)  # compile
+    jax.device_get(m)
+    t = time.perf_counter()
+    pending = []
+    for i in range(steps):
+        state, m = train.train_step(state, dev[i % len(dev)], rng)
+        pending.append(m)
+        if len(pending) == 10:
+            jax.device_get(pending)
+            pending = []
+    jax.device_get(pending)
+    return time.perf_counter() - t
+
+
+def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
+    """loop.run_experiment for `steps`: training time (from the metrics) and the evaluations'."""
+    import jax
+
+    from minigpt_jax import loop
+
+    timings = {"eval": 0.0, "evals": 0}
+    real = loop.evaluate
+
+    def timed(state, groups):
+        t = time.perf_counter()
+        got = real(state, groups)
+        timings["eval"] += time.perf_counter() - t
+        timings["evals"] += 1
+        timings["last_eval"] = time.perf_counter() - t
+        return got
+
+    loop.evaluate = timed
+    try:
+        exp = loop.Experiment("bench", c, jax.devices()[0])
+        loop.run_experiment(exp, prepared, out, max_steps=2)  # compile everything first
+        timings.update(eval=0.0, evals=0)
+        t = time.perf_counter()
+        r = loop.run_experiment(exp, prepared, out, max_steps=steps)
+        wall = time.perf_counter() - t
+    finally:
+        loop.evaluate = real
+    assert r.status == "ok", r.status
+    final = timings["last_eval"]  # the whole held-out set at the end
+    return {"wall": wall, "final_eval": final, "periodic_eval": timings["eval"] - final,
+            "train": wall - timings["eval"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+
+    from bench import write_section
+    from minigpt_jax import data, host, sources
+
+    host.tune_host_allocator(jax.default_backend())
+    overrides = {"eval_every": 50, "ckpt_every": 100, **cfg.parse_overrides(args.overrides)}
+    c = cfg.BASELINE.replace(**overrides)
+    rows = []
+    for label, seqs in (("default corpus", sources.default_corpus()), ("users'-shaped", users_shaped(args.tokens))):
+        prepared = data.prepare(seqs, c)
+        steps = min(args.steps, data.steps_per_epoch(len(prepared.train), c.batch_size))
+        rng = np.random.default_rng(0)
+        batches = [prepared.train[rng.choice(len(prepared.train), c.batch_size)] for _ in range(8)]
+        with tempfile.TemporaryDirectory() as out:
+            h = harness_seconds(c, prepared, steps, pathlib.Path(out))
+        bare = bare_seconds(c, batches, steps)
+        rows.append((label, len(seqs.tokens), len(prepared.train), len(prepared.val), steps, bare, h))
+        print(f"{label}: bare {1e3 * bare / steps:.1f} ms/step, harness {1e3 * h['train'] / steps:.1f}"
+              f" ms/step, periodic eval {h['periodic_eval']:.2f} s, final eval {h['final_eval']:.2f} s",
+              file=sys.stderr)
+    dev = jax.devices()[0]
+    lines = [
+        "<!-- bench:begin harness -->",
+        "### Measured: harness",
+        "",
+        f"`python scripts/bench_harness.py{''.join(' --set ' + s for s in args.overrides)} --steps {args.steps}"
+        f" --tokens {args.tokens}` on {dev.platform} ({dev.device_kind}), config: baseline with "
+        + ", ".join(f"{k}={v}" for k, v in overrides.items()) + f", eval_batches={c.eval_batches}.",
+        "",
+        "| data | tokens | train / held-out segments | steps | bare ms/step | harness ms/step |"
+        " overhead | periodic eval share | final eval (whole held-out set) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, tokens, n_train, n_val, steps, bare, h in rows:
+        over = (h["train"] - bare) / bare
+        lines.append(
+            f"| {label} | {tokens:,} | {n_train:,} / {n_val:,} | {steps} | {1e3 * bare / steps:.2f} |"
+            f" {1e3 * h['train'] / steps:.2f} | {100 * over:+.1f}% ({1e6 * (h['train'] - bare) / steps:+.0f} us/step) |"
+            f" {100 * h['periodic_eval'] / h['train']:.1f}% | {h['final_eval']:.2f} s |")
+    lines += ["<!-- bench:end harness -->"]
+    write_section(pathlib.Path(args.out), lines[0], lines[-1], lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
