@@ -202,6 +202,16 @@ class Checkpointer:
         step = int(state.step)
         host = host_state_tree(state)
         need = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(host))
+        if jax.process_count() > 1:
+            # Orbax's save is collective (barriers across processes): run in a second thread it
+            # could interleave with the loop's own collectives in another order on another
+            # process, and both would wait forever. Across processes a save is synchronous.
+            try:
+                self._write(step, host, progress)
+            except Exception as e:
+                raise self._failed(step, need, e) from None
+            self.saved = step
+            return
         self.pending = (step, need, self.writer.submit(self._write, step, host, progress))
 
     def close(self) -> None:

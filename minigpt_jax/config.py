@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import re
 from typing import Any
 
 VOCAB_SIZE = 50257  # GPT-2 vocabulary
@@ -20,6 +22,7 @@ SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (SPEC, Data)
 SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
 SEGMENTATIONS = ("pytorch", "chunks")  # SPEC's rule (their data.py), or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")  # jax.default_matmul_precision's names
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,7 @@ class Config:
     ffn_mult: int = 4  # FFN hidden width = embed_dim * ffn_mult
     dropout: float = 0.1  # attention-probability dropout, training only
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
+    matmul_precision: str = "default"  # float32 matmuls: "default" is JAX's (TF32 on NVIDIA GPUs), or "float32"
     # training
     lr: float = 5e-4  # constant AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay (PyTorch's default)
@@ -106,6 +110,9 @@ class Config:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"matmul_precision={self.matmul_precision!r}: must be one of"
+                              f" {', '.join(MATMUL_PRECISIONS)}")
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:
@@ -209,3 +216,54 @@ def experiment_config(name: str, overrides: dict[str, Any] | None = None) -> Con
 def override_text(name: str) -> str:
     """An experiment's own override as text: 'lr=0.001'."""
     return ", ".join(f"{k}={v}" for k, v in EXPERIMENTS[name].items())
+
+
+def parse_sweeps(items: list[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """['lr=1e-3,3e-4', 'batch_size=16,64'] -> [('lr', [('1e-3', 0.001), ('3e-4', 0.0003)]), ...]:
+    each key with its values as typed (for names) and as parsed."""
+    sweeps, seen = [], set()
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        texts = [t.strip() for t in text.split(",")]
+        if not sep or not key or not all(texts):
+            raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,..., e.g. --sweep lr=1e-3,3e-4")
+        if key in seen:
+            raise ConfigError(f"--sweep {key} given twice; expected each key once")
+        seen.add(key)
+        values = [(t, parse_value(key, t)) for t in texts]
+        parsed = [v for _, v in values]
+        dupes = sorted({t for t, v in values if parsed.count(v) > 1})
+        if dupes:
+            raise ConfigError(f"--sweep {key}: {', '.join(dupes)} given for the same value twice; expected distinct values")
+        bad = [t for t in texts if not re.fullmatch(r"[A-Za-z0-9.+_-]+", t)]
+        if bad:
+            raise ConfigError(f"--sweep {key}={bad[0]!r}: expected letters, digits and . + - _ only"
+                              " (the value becomes part of file names)")
+        sweeps.append((key, values))
+    return sweeps
+
+
+def plan(names: list[str], overrides: dict[str, Any], user_text: str = "",
+         sweeps: list[tuple[str, list[tuple[str, Any]]]] = ()) -> dict[str, tuple[Config, str]]:
+    """Experiment name -> (config, override text) for the chosen experiments and the grid of
+    sweeps over each: named as the PyTorch project names them (`lr_1e-3`; several keys joined,
+    `lr_1e-3_batch_size_16`; over another experiment, its name first: `n_layers_1_lr_1e-3`)."""
+    out: dict[str, tuple[Config, str]] = {}
+    grid = list(itertools.product(*[[(k, t, v) for t, v in values] for k, values in sweeps]))
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+        for combo in grid:
+            own = [k for k, _, _ in combo if k in EXPERIMENTS[name]]
+            if own:
+                raise ConfigError(f"--sweep {own[0]}: experiment {name} sets {own[0]} itself;"
+                                  " expected a key it leaves to the baseline")
+            parts = [f"{k}_{t}" for k, t, _ in combo]
+            run = "_".join(parts if name == "baseline" and parts else [name, *parts])
+            swept = ", ".join(f"{k}={t}" for k, t, _ in combo)
+            config = experiment_config(name, {**overrides, **{k: v for k, _, v in combo}})
+            if run in out:
+                raise ConfigError(f"experiment {run} would run twice; expected distinct names")
+            out[run] = (config, ", ".join(filter(None, [override_text(name), user_text, swept])))
+    return out

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 
 import jax
@@ -47,7 +48,8 @@ class TrainState(train_state.TrainState):
     """Params, AdamW state and step; apply_fn and tx are static."""
 
 
-MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout", "dtype")
+MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout", "dtype",
+                "matmul_precision")
 
 
 def model_config(config: Config) -> Config:
@@ -81,10 +83,18 @@ def _loss_fn(params, apply_fn, tokens_BL, dropout_rng):
     return head_loss(h_BLD, params["head"]["kernel"], tokens_BL)
 
 
+def matmul_precision(state: TrainState):
+    """The config's float32 matmul precision, applied while the step is traced (the static
+    apply_fn carries it, so another precision is another compiled program)."""
+    precision = state.apply_fn.__self__.config.matmul_precision
+    return contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision)
+
+
 def _step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
-    (loss, n_labels), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
-        state.params, state.apply_fn, batch, dropout_key(rng, state.step)
-    )
+    with matmul_precision(state):
+        (loss, n_labels), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+            state.params, state.apply_fn, batch, dropout_key(rng, state.step)
+        )
     state = state.apply_gradients(grads=grads)
     return state, {"loss": loss, "perplexity": jnp.exp(loss), "tokens": n_labels,
                    "lr": optim.current_lr(state.opt_state), "grad_norm": optim.global_norm(grads)}
@@ -121,8 +131,9 @@ def train_steps(
 
 
 def _eval(state: TrainState, batch: jax.Array) -> dict:
-    h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
-    loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
+    with matmul_precision(state):
+        h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
+        loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
     return {"loss_sum": loss * n_labels, "tokens": n_labels}
 
 

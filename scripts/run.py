@@ -57,13 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " one after another)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="tokenized_data.pt, sample_dataset.pt, or a folder holding one of them"
-                        " (needs torch; default: the embedded corpus of Python's own docs)")
+                        " (needs torch); or your own text: a .txt file or a folder of them, tokenized"
+                        " with GPT-2 BPE once and cached (default: the embedded corpus of Python's"
+                        " own docs)")
+    p.add_argument("--text-docs", choices=("file", "block"), default="file",
+                   help="with .txt data: one document per file, or per blank-line-separated block"
+                        " (SPEC's segmentation drops documents under 32 tokens: short blocks want"
+                        " --set segmentation=chunks) (default: %(default)s)")
     p.add_argument("--out", default=str(REPO / "outcome"),
                    help="output folder (default: outcome/ in the repository)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the baseline, e.g. --set lr=3e-4 (repeatable;"
                         " each experiment's own override still applies). Keys: "
                         + ", ".join(cfg.field_names()))
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run every value of KEY (repeatable: the grid of all keys) over the chosen"
+                        " experiments (default with --sweep: baseline), named as the PyTorch project"
+                        " names them: lr_1e-3, lr_1e-3_batch_size_16, n_layers_1_lr_1e-3")
     p.add_argument("--max-steps", default=None, metavar="N",
                    help="stop each experiment after N steps in all (default: max_epochs over the data)")
     p.add_argument("--seed", default=None, metavar="S", help="shorthand for --set seed=S")
@@ -107,17 +117,20 @@ def positive_int(flag: str, text: str | None) -> int | None:
 
 
 def check_arguments(args) -> tuple[dict, int | None]:
-    """Everything that needs no JAX: experiment names, overrides, integers."""
+    """Everything that needs no JAX: experiment names, overrides, sweeps, integers ->
+    ({name: (config, override text)}, max_steps)."""
     overrides = cfg.parse_overrides(args.overrides)
     if args.seed is not None:
         overrides["seed"] = cfg.parse_value("seed", args.seed)
+    sweeps = cfg.parse_sweeps(args.sweep)
     if args.only is not None and args.experiments is not None:
         raise UsageError("--only and --experiments both given; expected one of them")
     if args.only is not None:
         text = ",".join(cfg.EXPERIMENTS) if args.only.strip() == "all" else args.only
         flag = "--only"
     else:
-        text = args.experiments if args.experiments is not None else ",".join(cfg.EXPERIMENTS)
+        default = "baseline" if sweeps else ",".join(cfg.EXPERIMENTS)
+        text = args.experiments if args.experiments is not None else default
         flag = "--experiments"
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -128,8 +141,8 @@ def check_arguments(args) -> tuple[dict, int | None]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UsageError(f"--experiments names {', '.join(dupes)} twice")
-    configs = {n: cfg.experiment_config(n, overrides) for n in names}
-    return configs, positive_int("--max-steps", args.max_steps)
+    plan = cfg.plan(names, overrides, ", ".join(args.overrides), sweeps)
+    return plan, positive_int("--max-steps", args.max_steps)
 
 
 def device_indices(text: str) -> list[int]:
@@ -215,12 +228,26 @@ def check_out_dir(out: pathlib.Path) -> None:
                          " expected a writable folder") from None
 
 
-def load_sources(path: str | None, vocab_size: int):
-    """The training data once, checked: a .pt file or data folder, or the default corpus."""
+def is_text(path: pathlib.Path) -> bool:
+    """A .txt file, or a folder without the PyTorch project's data files (then: its .txt files)."""
+    from torch_compat.data import DATA_FILES
+
+    if path.is_dir():
+        return not any((path / name).is_file() for name in DATA_FILES)
+    return path.suffix == ".txt"
+
+
+def load_sources(path: str | None, vocab_size: int, text_docs: str = "file"):
+    """The training data once, checked: a .pt file or data folder, .txt text, or the default corpus."""
     from minigpt_jax import sources
 
     if path is None:
         return sources.default_corpus(vocab_size)
+    if is_text(pathlib.Path(path)):
+        from minigpt_jax import text_source
+
+        return sources.from_arrays(text_source.load_text(pathlib.Path(path), text_docs), f"{path} (text)",
+                                   "tokenized", vocab_size)
     from torch_compat.data import read_sequences
 
     return read_sequences(path, vocab_size)
@@ -246,7 +273,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     try:
-        configs, max_steps = check_arguments(args)
+        plan, max_steps = check_arguments(args)
+        configs = {name: c for name, (c, _) in plan.items()}
         listed = device_indices(args.devices) if args.devices is not None else None
         check_out_dir(out)
     except (cfg.ConfigError, UsageError) as e:
@@ -276,7 +304,7 @@ def main(argv=None) -> int:
             if c.batch_size % len(devices[0]):
                 raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"
                                  f" {len(devices[0])} data-parallel devices")
-        seqs = load_sources(args.data, max(c.vocab_size for c in configs.values()))
+        seqs = load_sources(args.data, max(c.vocab_size for c in configs.values()), args.text_docs)
         for c in configs.values():
             seqs.check(c.vocab_size)
             data.prepare(seqs, c)  # once per data setting, shared by the experiments that agree
@@ -288,11 +316,7 @@ def main(argv=None) -> int:
     except (UsageError, data.DataError, ImportError) as e:
         fail(str(e))
 
-    user = ", ".join(args.overrides)
-    experiments = [
-        loop.Experiment(name, c, devs, ", ".join(filter(None, [cfg.override_text(name), user])))
-        for (name, c), devs in zip(configs.items(), devices)
-    ]
+    experiments = [loop.Experiment(name, c, devs, text) for (name, (c, text)), devs in zip(plan.items(), devices)]
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -54,7 +54,7 @@ def test_fused_steps_equal_single_steps(tiny):
         losses.append((float(m["loss"]), float(m["perplexity"]), int(m["tokens"])))
 
     fused, metrics = train_steps(create_state(c), batches, rng)
-    assert set(metrics) == {"loss", "perplexity", "tokens"}
+    assert set(metrics) == {"loss", "perplexity", "tokens", "lr", "grad_norm"}
     assert all(v.shape == (K,) for v in metrics.values())
     got = list(
         zip(

@@ -80,7 +80,7 @@ def test_checkpoints_restore_with_plain_orbax(full_run):
                                                       config=ocp.args.JsonRestore()))
         params = got["state"]["params"]
         assert params["embed"]["embedding"].shape == (50257, d)
-        assert params["blocks_0"]["attn"]["qkv"]["kernel"].shape == (d, 3 * d)
+        assert params["layers_0"]["attn"]["qkv"]["kernel"].shape == (d, 3 * d)
         assert int(got["state"]["step"]) == 3 and got["config"]["embed_dim"] == d
 
 

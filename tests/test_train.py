@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minigpt_jax.config import PAD_TOKEN_ID
+from minigpt_jax import train
 from minigpt_jax.train import create_state, train_step
 
 
@@ -57,3 +58,16 @@ def test_metrics(tiny):
     _, m = train_step(state, jnp.asarray(batch), jax.random.key(0))
     assert int(m["tokens"]) == tiny.batch_size * (tiny.seq_len - 1) - (tiny.seq_len - 10)
     np.testing.assert_allclose(float(m["perplexity"]), np.exp(float(m["loss"])), rtol=1e-6)
+
+
+def test_matmul_precision_is_a_config_choice_in_the_compiled_step(tiny):
+    """float32 asks XLA for exact float32 matmuls (HIGHEST); default leaves JAX's choice
+    (TF32 on NVIDIA GPUs). Checked in the lowered program, so it holds on any machine."""
+    batch = jnp.zeros((tiny.batch_size, tiny.seq_len), jnp.int32)
+
+    def lowered(c):
+        state = train.create_state(c)
+        return jax.jit(lambda s, b: train._step(s, b, jax.random.key(0))[1]["loss"]).lower(state, batch).as_text()
+
+    assert "HIGHEST" in lowered(tiny.replace(matmul_precision="float32"))
+    assert "HIGHEST" not in lowered(tiny)
