@@ -233,9 +233,9 @@ def parse_sweeps(items: list[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
         seen.add(key)
         values = [(t, parse_value(key, t)) for t in texts]
         parsed = [v for _, v in values]
-        dupes = sorted({t for t, v in values if parsed.count(v) > 1})
+        dupes = [t for t, v in values if parsed.count(v) > 1]
         if dupes:
-            raise ConfigError(f"--sweep {key}: {', '.join(dupes)} given for the same value twice; expected distinct values")
+            raise ConfigError(f"--sweep {key}: {', '.join(dupes)} are the same value; expected distinct values")
         bad = [t for t in texts if not re.fullmatch(r"[A-Za-z0-9.+_-]+", t)]
         if bad:
             raise ConfigError(f"--sweep {key}={bad[0]!r}: expected letters, digits and . + - _ only"

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " (needs torch); or your own text: a .txt file or a folder of them, tokenized"
                         " with GPT-2 BPE once and cached (default: the embedded corpus of Python's"
                         " own docs)")
-    p.add_argument("--text-docs", choices=("file", "block"), default="file",
+    p.add_argument("--text-docs", default="file", metavar="file|block",
                    help="with .txt data: one document per file, or per blank-line-separated block"
                         " (SPEC's segmentation drops documents under 32 tokens: short blocks want"
                         " --set segmentation=chunks) (default: %(default)s)")
@@ -123,6 +123,9 @@ def check_arguments(args) -> tuple[dict, int | None]:
     if args.seed is not None:
         overrides["seed"] = cfg.parse_value("seed", args.seed)
     sweeps = cfg.parse_sweeps(args.sweep)
+    if args.text_docs not in ("file", "block"):
+        raise UsageError(f"--text-docs {args.text_docs!r}: expected file (one document per file) or block"
+                         " (one per blank-line-separated block)")
     if args.only is not None and args.experiments is not None:
         raise UsageError("--only and --experiments both given; expected one of them")
     if args.only is not None:
@@ -289,7 +292,7 @@ def main(argv=None) -> int:
     # Heavy imports once the arguments are known to be good: --help and errors stay fast.
     import jax
 
-    from minigpt_jax import checkpoint, data, loop, parallel, report
+    from minigpt_jax import checkpoint, data, loop, optim, parallel, report
 
     host.enable_compilation_cache()
     lead = True
@@ -305,9 +308,14 @@ def main(argv=None) -> int:
                 raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"
                                  f" {len(devices[0])} data-parallel devices")
         seqs = load_sources(args.data, max(c.vocab_size for c in configs.values()), args.text_docs)
-        for c in configs.values():
+        for name, c in configs.items():
             seqs.check(c.vocab_size)
-            data.prepare(seqs, c)  # once per data setting, shared by the experiments that agree
+            prepared = data.prepare(seqs, c)  # once per data setting, shared by those that agree
+            total = data.steps_per_epoch(len(prepared.train), c.batch_size) * c.max_epochs
+            try:
+                optim.lr_shape(c, min(total, max_steps or total))  # the schedule fits the run
+            except cfg.ConfigError as e:
+                raise UsageError(f"{name}: {e}") from None
         if args.resume:
             try:
                 checkpoint.check_resumable(out, configs)
