@@ -23,10 +23,11 @@ import tempfile
 import numpy as np
 
 from minigpt_jax import tokenizer
+from minigpt_jax.config import SEQ_MIN
 
 DEFAULT_CORPUS_TOKENS = 98_304  # cap on the default corpus; sets the README run's time
 CORPUS_SEED = 0
-_FORMAT = 1  # bump when the way documents are built changes
+_FORMAT = 2  # bump when the way documents are built changes
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -70,13 +71,16 @@ def documents() -> list[str]:
 
 
 def build_default_corpus(max_tokens: int = DEFAULT_CORPUS_TOKENS) -> list[np.ndarray]:
-    """Tokenize documents in a seeded order until max_tokens; one array per document."""
+    """Tokenize documents in a seeded order until max_tokens; one array per document.
+
+    Documents under SEQ_MIN tokens are left out: SPEC's segmentation would drop
+    them, and the budget is meant for tokens that train."""
     docs = documents()
     order = np.random.default_rng(CORPUS_SEED).permutation(len(docs))
     out, total = [], 0
     for i in order:
         ids = tokenizer.encode(docs[i])
-        if len(ids) < 2:
+        if len(ids) < SEQ_MIN:
             continue
         ids = ids[: max_tokens - total]
         out.append(np.asarray(ids, dtype=np.int32))

@@ -232,11 +232,11 @@ def check_out_dir(out: pathlib.Path) -> None:
 
 
 def is_text(path: pathlib.Path) -> bool:
-    """A .txt file, or a folder without the PyTorch project's data files (then: its .txt files)."""
+    """A .txt file, or a folder of .txt files without the PyTorch project's data files."""
     from torch_compat.data import DATA_FILES
 
     if path.is_dir():
-        return not any((path / name).is_file() for name in DATA_FILES)
+        return not any((path / name).is_file() for name in DATA_FILES) and any(path.rglob("*.txt"))
     return path.suffix == ".txt"
 
 
