@@ -301,10 +301,19 @@ def observations(results) -> list[str]:
                      f" `{order[-1]}`.")
     rates = sorted((row["tokens_per_second"], n) for n, row in rows.items()
                    if row["tokens_per_second"])
+    gaps = [(row["val_loss"] - row["train_loss"], n) for n, row in rows.items()
+            if row["val_loss"] is not None and row["train_loss"] is not None]
+    if gaps:
+        notes.append("Validation minus smoothed train loss at the end (a large positive gap is"
+                     " over-fitting): "
+                     + ", ".join(f"`{n}` {g:+.4f}" for g, n in gaps) + ".")
     if len(rates) >= 2:
+        devices = sorted({r.device for r in results})
+        how = (f"all on {devices[0]}, one after another" if len(devices) == 1
+               else f"on {len(devices)} devices, those on distinct devices at the same time,"
+               " sharing the host")
         notes.append(f"Throughput ranged from {rates[0][0]:,.0f} tokens/s (`{rates[0][1]}`) to"
-                     f" {rates[-1][0]:,.0f} (`{rates[-1][1]}`); experiments sharing a device or"
-                     " the host's cores slow each other.")
+                     f" {rates[-1][0]:,.0f} (`{rates[-1][1]}`); {how}.")
     return notes or ["No experiment wrote a metric row: there is nothing to compare."]
 
 

@@ -91,6 +91,9 @@ def test_observations_rank_compare_at_equal_tokens_and_name_the_failure(page):
     assert f"`wide` {100 * (best - worst) / worst:+.1f}%" in obs  # against baseline
     assert "`broken` did not finish: failed: broken: non-finite loss at step 4 after 3 steps" in obs
     assert "`broken` diverged" in obs and "`baseline` diverged" not in obs
+    gap = 6.2 - page[1][0].table_row()["train_loss"]
+    assert f"over-fitting): `baseline` {gap:+.4f}, `wide` " in obs
+    assert "; all on cpu:0, one after another." in obs
     # broken reached the fewest tokens, 300: baseline's 3rd step (a 3-step window over a straight
     # line is the line), wide's 1st (its own value), broken's last (3 rows are not smoothed)
     base = 10.0 - 4.0 * 2 / 19
