@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import urllib.parse
@@ -356,6 +357,20 @@ def source_text(seqs) -> str:
     if seqs.source == "default corpus":
         fmt = "Python's own docs, GPT-2 BPE, embedded"
     return f"{seqs.source} ({fmt})"
+
+
+def data_statistics(seqs, results) -> dict[str, data.Prepared]:
+    """Experiment name -> its data.Prepared with the segments dropped (only their count is
+    reported): a sweep over more data settings than `data.prepare` keeps does not hold every
+    copy of the segments at once."""
+    by_key: dict[tuple, data.Prepared] = {}
+    for r in results:
+        key = data.prepare_key(r.config)
+        if key not in by_key:
+            p = data.prepare(seqs, r.config)
+            by_key[key] = dataclasses.replace(p, train=np.empty((len(p.train), 0), np.int32),
+                                              val=np.empty((len(p.val), 0), np.int32))
+    return {r.name: by_key[data.prepare_key(r.config)] for r in results}
 
 
 def report_text(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],

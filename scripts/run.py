@@ -327,7 +327,7 @@ def main(argv=None) -> int:
             from minigpt_jax import writeup
 
             command = shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)])
-            writeup.write_report(out, results, {r.name: data.prepare(seqs, r.config) for r in results},
+            writeup.write_report(out, results, writeup.data_statistics(seqs, results),
                                  writeup.source_text(seqs),
                                  {"Command": f"`{command}`", "Resumed": "yes" if args.resume else "no"})
     except KeyboardInterrupt:

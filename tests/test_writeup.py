@@ -161,3 +161,20 @@ def test_bad_arguments_write_no_report(tmp_path):
     out.mkdir()
     r = run("--out", out, "--set", "lr=fast")
     assert r.returncode == 2 and not (out / "report.md").exists() and not list(out.iterdir())
+
+
+def test_data_statistics_keep_the_counts_not_the_segments():
+    from minigpt_jax import sources
+
+    rng = np.random.default_rng(0)
+    seqs = sources.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
+    a = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
+    results = [fake_result("a", a, [10.0]), fake_result("b", a.replace(lr=1e-3), [10.0]),
+               fake_result("c", a.replace(seq_len=64), [10.0])]
+    stats = writeup.data_statistics(seqs, results)
+    assert stats["a"] is stats["b"] and stats["a"] is not stats["c"]
+    for name, c in (("a", a), ("c", a.replace(seq_len=64))):
+        full = data.prepare(seqs, c)
+        assert stats[name].train.nbytes == stats[name].val.nbytes == 0
+        assert (len(stats[name].train), len(stats[name].val)) == (len(full.train), len(full.val))
+        assert (stats[name].label_tokens, stats[name].pad_share) == (full.label_tokens, full.pad_share)
