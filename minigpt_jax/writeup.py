@@ -43,7 +43,10 @@ def _n(v) -> str:
 
 
 def _f(v, fmt: str) -> str:
-    return "-" if v is None or not math.isfinite(float(v)) else format(float(v), fmt)
+    """A number in fmt; a diverged run's huge values in scientific notation; "-" when missing."""
+    if v is None or not math.isfinite(float(v)):
+        return "-"
+    return format(float(v), ".3e" if abs(float(v)) >= 1e9 else fmt)
 
 
 def _cell(v) -> str:
@@ -290,20 +293,21 @@ def observations(results) -> list[str]:
         sm = report.smooth([row["loss"] for row in r.rows])
         sm = sm[np.isfinite(sm)]
         if len(sm) >= 2 and sm[-1] > sm[0]:
-            notes.append(f"`{r.name}` diverged: its smoothed train loss ended at {sm[-1]:.4f},"
-                         f" above its start, {sm[0]:.4f}.")
+            notes.append(f"`{r.name}` diverged: its smoothed train loss ended at"
+                         f" {_f(sm[-1], '.4f')}, above its start, {_f(sm[0], '.4f')}.")
     equal = loss_at_tokens(results)
     if equal:
         t, losses = equal
         order = sorted(losses, key=losses.get)
         notes.append(f"At {t:,} tokens seen (the most every experiment reached), the smoothed"
-                     " train loss was " + ", ".join(f"`{n}` {losses[n]:.4f}" for n in order)
-                     + f": `{order[0]}` lowest, {losses[order[-1]] - losses[order[0]]:.4f} below"
-                     f" `{order[-1]}`.")
+                     " train loss was " + ", ".join(f"`{n}` {_f(losses[n], '.4f')}" for n in order)
+                     + f": `{order[0]}` lowest, {_f(losses[order[-1]] - losses[order[0]], '.4f')}"
+                     f" below `{order[-1]}`.")
     rates = sorted((row["tokens_per_second"], n) for n, row in rows.items()
                    if row["tokens_per_second"])
+    # finished experiments only: a failed or stopped one's last evaluation predates its last step
     gaps = [(row["val_loss"] - row["train_loss"], n) for n, row in rows.items()
-            if row["val_loss"] is not None and row["train_loss"] is not None]
+            if row["status"] == "ok" and None not in (row["val_loss"], row["train_loss"])]
     if gaps:
         notes.append("Validation minus smoothed train loss at the end (a large positive gap is"
                      " over-fitting): "

@@ -94,6 +94,9 @@ def test_observations_rank_compare_at_equal_tokens_and_name_the_failure(page):
     gap = 6.2 - page[1][0].table_row()["train_loss"]
     assert f"over-fitting): `baseline` {gap:+.4f}, `wide` " in obs
     assert "; all on cpu:0, one after another." in obs
+    (gap_line,) = [line for line in obs.splitlines() if "over-fitting): " in line]
+    assert "`broken`" not in gap_line  # its last evaluation predates its last step
+    assert writeup._f(1.4086e12, ".4f") == "1.409e+12" and writeup._f(None, ".4f") == "-"
     # broken reached the fewest tokens, 300: baseline's 3rd step (a 3-step window over a straight
     # line is the line), wide's 1st (its own value), broken's last (3 rows are not smoothed)
     base = 10.0 - 4.0 * 2 / 19
