@@ -354,6 +354,14 @@ def main(argv=None) -> int:
         if lead:
             report.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
             report.write_results_table(out, [r.table_row() for r in results])
+            import shlex
+
+            from minigpt_jax import writeup
+
+            command = shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)])
+            writeup.write_report(out, results, writeup.data_statistics(seqs, results),
+                                 writeup.source_text(seqs),
+                                 {"Command": f"`{command}`", "Resumed": "yes" if args.resume else "no"})
     except KeyboardInterrupt:
         # Leave now, without waiting for the experiments' threads: plots and tables are written
         # to a temporary name and renamed, every checkpoint commits by a rename, and a metrics
