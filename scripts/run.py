@@ -1,10 +1,15 @@
 """Train the MiniGPT experiments and write curves, tables and checkpoints.
 
 Each experiment trains for max_epochs over the data (or --max-steps), holds out
-val_fraction of the chunks for validation, checkpoints every ckpt_every steps
-and at the end, and writes under --out:
-  metrics_<name>.csv, loss_curve_<name>.png, perplexity_curve_<name>.png,
+val_fraction of the sequences for validation (a sample of eval_batches batches
+every eval_every steps, all of them at the end), checkpoints every ckpt_minutes
+of wall time (and every ckpt_every steps if set), at the end and on Ctrl-C, and
+writes under --out:
+  metrics_<name>.csv, metrics_<name>_val.csv, metrics_<name>.jsonl (every step),
+  tensorboard/<name>/ (tensorboard --logdir outcome/tensorboard),
+  loss_curve_<name>.png, perplexity_curve_<name>.png,
   loss_curves.png, perplexity_curves.png, results_table.txt, results_table.csv,
+  report.md (and report.html): one page with the model, data, setup and results,
   checkpoints/<name>/ (Orbax), mini_gpt_<name>.pt (PyTorch state dict).
 
 Examples:
@@ -13,6 +18,8 @@ Examples:
   python scripts/run.py --only lr_1e-3                    # one experiment, as in run_experiments.py
   python scripts/run.py --experiments baseline --max-steps 20 --data data/
   python scripts/run.py --set seq_len=128 --set lr=3e-4
+  python scripts/run.py --sweep lr=1e-3,3e-4 --sweep batch_size=16,64  # a 2x2 grid over baseline
+  python scripts/run.py --data my_texts/ --set lr_schedule=cosine --set warmup_steps=100
   python scripts/run.py --resume                          # continue from the latest checkpoints
   python scripts/run.py --data-parallel --devices 0,1,2,3 # each experiment's batches split over 4 devices
   python scripts/run.py --data-parallel --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import pathlib
 import signal
 import sys
@@ -292,7 +300,7 @@ def main(argv=None) -> int:
     # Heavy imports once the arguments are known to be good: --help and errors stay fast.
     import jax
 
-    from minigpt_jax import checkpoint, data, loop, optim, parallel, report
+    from minigpt_jax import checkpoint, data, loop, optim, parallel, report, writeup
 
     host.enable_compilation_cache()
     lead = True
@@ -354,10 +362,6 @@ def main(argv=None) -> int:
         if lead:
             report.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
             report.write_results_table(out, [r.table_row() for r in results])
-            import shlex
-
-            from minigpt_jax import writeup
-
             command = shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)])
             writeup.write_report(out, results, writeup.data_statistics(seqs, results),
                                  writeup.source_text(seqs),
