@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -310,7 +310,7 @@ def run_stacked(
                 last_ckpt = time.monotonic()
             if stopping:
                 break
-    except Exception as e:  # the stack's own failure: every variant still training fails with it
+    except Exception as e:  # noqa: BLE001 - the stack's own failure fails its variants, not the sweep
         traceback.print_exc()
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         for v in range(V):
@@ -344,4 +344,76 @@ def run_stacked(
         results.append(loop.Result(e.name, e.config, place.label, rows, val_rows, seconds,
                                    status[v], e.overrides, devices, s))
     return results
+
+
+
+# --- sweeps: stacks on their devices ----------------------------------------------------
+
+
+def groups(experiments: Sequence[loop.Experiment]) -> list[list[int]]:
+    """Indices of the experiments, grouped into stacks: same device(s) and stackable with the
+    group's first, in input order. A group of one runs unstacked."""
+    out: list[list[int]] = []
+    for i, e in enumerate(experiments):
+        for g in out:
+            first = experiments[g[0]]
+            if first.devices == e.devices and len(e.devices) == 1 and stackable([first.config, e.config])[0]:
+                g.append(i)
+                break
+        else:
+            out.append([i])
+    return out
+
+
+def run_all(
+    experiments: list[loop.Experiment],
+    prepare: Callable,
+    out_dir: pathlib.Path,
+    max_steps: int | None = None,
+    resume: bool = False,
+    stop: threading.Event | None = None,
+    on_result: Callable | None = None,
+) -> list[loop.Result]:
+    """parallel.run_all with stacking: each group (`groups`) trains as one stack, groups on
+    distinct devices at the same time, those sharing a device one after another; results in
+    input order. prepare(config) gives an experiment its data; on_result(result) is called
+    for each variant as its stack finishes (an exception there marks that result failed)."""
+    results: dict[int, loop.Result] = {}
+    by_device: dict[tuple, list[list[int]]] = {}
+    for g in groups(experiments):
+        by_device.setdefault(experiments[g[0]].devices, []).append(g)
+
+    def failed(i: int, status: str) -> loop.Result:
+        e = experiments[i]
+        return loop.Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides)
+
+    def worker(stacks: list[list[int]], position: int) -> None:
+        for g in stacks:
+            if stop is not None and stop.is_set():
+                results.update({i: failed(i, "stopped before start") for i in g})
+                continue
+            try:
+                exps = [experiments[i] for i in g]
+                preps = [prepare(e.config) for e in exps]
+                got = (run_stacked(exps, preps, out_dir, max_steps, resume, position, stop) if len(g) > 1
+                       else [loop.run_experiment(exps[0], preps[0], out_dir, max_steps, resume, position, stop)])
+            except Exception as ex:  # noqa: BLE001 - one group's failure must not end the others
+                reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
+                got = [failed(i, f"failed: {reason}") for i in g]
+            for i, r in zip(g, got):
+                if on_result is not None:
+                    try:
+                        on_result(r)
+                    except Exception as ex:  # noqa: BLE001 - reported in the result's status
+                        r.status = f"failed: writing outputs: {str(ex).splitlines()[0] if str(ex) else ex!r}"
+                results[i] = r
+
+    threads = [threading.Thread(target=worker, args=(stacks, n), name=f"minigpt-stack-{n}", daemon=True)
+               for n, stacks in enumerate(by_device.values())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.2)  # short joins keep the main thread responsive to signals
+    return [results[i] for i in range(len(experiments))]
 

@@ -25,13 +25,13 @@ def seqs():
 
 
 def small(**kw) -> Config:
-    base = dict(embed_dim=32, n_heads=2, seq_len=32, batch_size=4, eval_every=3, ckpt_every=4,
-                val_fraction=0.1, eval_batches=2, dropout=0.1)
+    base = {"embed_dim": 32, "n_heads": 2, "seq_len": 32, "batch_size": 4, "eval_every": 3, "ckpt_every": 4,
+                "val_fraction": 0.1, "eval_batches": 2, "dropout": 0.1}
     return Config(**{**base, **kw})
 
 
-VARIANTS = {"a": dict(lr=5e-4, seed=0), "b": dict(lr=1e-3, seed=1, weight_decay=0.1),
-            "c": dict(lr=2e-4, seed=2, max_epochs=2)}
+VARIANTS = {"a": {"lr": 5e-4, "seed": 0}, "b": {"lr": 1e-3, "seed": 1, "weight_decay": 0.1},
+            "c": {"lr": 2e-4, "seed": 2, "max_epochs": 2}}
 STEPS = 8
 
 
@@ -158,3 +158,40 @@ def test_stackable_refuses_what_is_not_a_value():
     with pytest.raises(ValueError, match="share one device; got x on cpu:0, y on cpu:1"):
         stack.run_stacked([loop.Experiment("x", small(), jax.devices()[0]),
                            loop.Experiment("y", small(), jax.devices()[1])], None, "unused")
+
+
+@pytest.mark.slow
+def test_variants_of_different_lengths_each_stop_at_their_own_end(seqs, tmp_path):
+    """One epoch and two: the shorter variant is frozen at its end and equals its separate run."""
+    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+                              "few")
+    exps = [loop.Experiment("one", small(max_epochs=1, seed=5), jax.devices()[1]),
+            loop.Experiment("two", small(max_epochs=2, seed=5, lr=1e-3), jax.devices()[1])]
+    prep = data.prepare(few, exps[0].config)
+    per_epoch = data.steps_per_epoch(len(prep.train), 4)
+    assert 2 <= per_epoch <= 8, per_epoch
+    stacked = stack.run_stacked(exps, prep, tmp_path / "stacked")
+    for r, e in zip(stacked, exps):
+        alone = loop.run_experiment(e, prep, tmp_path / "alone")
+        assert r.status == "ok" and len(r.rows) == e.config.max_epochs * per_epoch
+        np.testing.assert_allclose([x["loss"] for x in r.rows], [x["loss"] for x in alone.rows], rtol=LOSS_RTOL)
+        assert [x["step"] for x in r.val_rows] == [x["step"] for x in alone.val_rows]
+        assert checkpoint.manager(checkpoint.checkpoint_dir(tmp_path / "stacked", r.name)).latest_step() == len(r.rows)
+        assert int(r.state.step) == len(r.rows)
+
+
+@pytest.mark.slow
+def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_path):
+    d1, d2 = jax.devices()[1], jax.devices()[2]
+    a, b, c = experiments(d1)
+    exps = [a, loop.Experiment("wide", small(embed_dim=64), d1), b, loop.Experiment("c2", c.config, d2)]
+    assert stack.groups(exps) == [[0, 2], [1], [3]]
+    done = []
+    results = stack.run_all(exps, lambda cfg: data.prepare(seqs, cfg), tmp_path, max_steps=2,
+                            on_result=lambda r: done.append(r.name))
+    assert [r.name for r in results] == ["a", "wide", "b", "c2"] and sorted(done) == sorted(["a", "wide", "b", "c2"])
+    assert all(r.status == "ok" and len(r.rows) == 2 for r in results), [r.status for r in results]
+    for r, name in ((results[0], "a"), (results[2], "b"), (results[3], "c")):
+        np.testing.assert_allclose([x["loss"] for x in r.rows], [x["loss"] for x in separate[name].rows[:2]],
+                                   rtol=LOSS_RTOL)
+    assert results[1].state_devices == {d1} and results[3].state_devices == {d2}
