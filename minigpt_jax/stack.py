@@ -48,7 +48,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from minigpt_jax import checkpoint, data, loop, train
+from minigpt_jax import checkpoint, data, loop, optim, train
 from minigpt_jax.config import Config, field_names
 from minigpt_jax.placement import Placement
 
@@ -173,24 +173,30 @@ def run_stacked(
     dss = [data.batch_dataset(p.train, cv.batch_size, cv.seed, cv.max_epochs) for p, cv in zip(preps, configs)]
     totals = [len(ds) if max_steps is None else min(max_steps, len(ds)) for ds in dss]
 
+    if any(optim.make_optimizer(cv, t) != optim.make_optimizer(c, totals[0]) for cv, t in zip(configs, totals)):
+        # cosine schedules of different lengths (variants whose data differ in size)
+        raise ValueError("cannot stack: the variants' optimizer programs differ (a cosine schedule's"
+                         f" length is static; steps: {', '.join(map(str, totals))})")
+
     ckpts = [checkpoint.Checkpointer(checkpoint.checkpoint_dir(out_dir, e.name), e.config, not resume)
              for e in experiments]
     latest = [k.saved if resume else None for k in ckpts]
     states, progress = [], []
-    for e, k, at, total in zip(experiments, ckpts, latest, totals):
-        if at is not None:
-            tqdm.write(f"{e.name}: resuming at step {at} from {k.directory / str(at)}", file=sys.stderr)
-            s, p = k.restore(at, place)
-        else:
-            with jax.default_device(place.devices[0]):
-                s, p = train.create_state(e.config, total_steps=total), checkpoint.progress_record()
-        states.append(s)
-        progress.append(p)
-    if any(s.apply_fn != states[0].apply_fn or s.tx != states[0].tx for s in states):
-        # e.g. cosine schedules of different lengths (variants whose data differ)
-        raise ValueError("cannot stack: the variants' compiled programs differ (a cosine schedule's"
-                         f" length is static; steps: {', '.join(map(str, totals))})")
-    step = _common_step(names, [p["step"] for p in progress], totals)
+    try:
+        for e, k, at, total in zip(experiments, ckpts, latest, totals):
+            if at is not None:
+                tqdm.write(f"{e.name}: resuming at step {at} from {k.directory / str(at)}", file=sys.stderr)
+                s, p = k.restore(at, place)
+            else:
+                with jax.default_device(place.devices[0]):
+                    s, p = train.create_state(e.config, total_steps=total), checkpoint.progress_record()
+            states.append(s)
+            progress.append(p)
+        step = _common_step(names, [p["step"] for p in progress], totals)
+    except Exception:
+        for k in ckpts:
+            k.close()
+        raise
     state = place.put(stack_states(states))
     del states
     writers = [loop.metric_writer(out_dir, n, at) for n, at in zip(names, latest)]

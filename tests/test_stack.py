@@ -195,3 +195,17 @@ def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_p
         np.testing.assert_allclose([x["loss"] for x in r.rows], [x["loss"] for x in separate[name].rows[:2]],
                                    rtol=LOSS_RTOL)
     assert results[1].state_devices == {d1} and results[3].state_devices == {d2}
+
+
+def test_what_cannot_run_as_one_stack_is_refused_before_anything_is_written(seqs, tmp_path):
+    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+                              "few")
+    exps = [loop.Experiment(n, small(lr_schedule="cosine"), jax.devices()[0]) for n in ("x", "y")]
+    preps = [data.prepare(seqs, exps[0].config), data.prepare(few, exps[0].config)]
+    with pytest.raises(ValueError, match=r"optimizer programs differ \(a cosine schedule's length is static"):
+        stack.run_stacked(exps, preps, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    # a resume whose variants' checkpoints are at different steps (one was resumed alone)
+    with pytest.raises(ValueError, match=r"one step \(a at step 4, b at step 8\); resume them without --stack"):
+        stack._common_step(["a", "b", "c"], [4, 8, 10], [10, 10, 10])  # c finished: not asked
+    assert stack._common_step(["a", "b", "c"], [4, 4, 10], [10, 10, 10]) == 4
