@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -197,13 +198,15 @@ def eval_groups(batches: list[np.ndarray], place: Placement, size: int):
         yield place.put(np.stack(group + fill), place.stacked_rows)
 
 
-def metric_writer(out_dir: pathlib.Path, name: str, resume_step: int | None) -> metrics.Writer:
+def metric_writer(out_dir: pathlib.Path, name: str, resume_step: int | None,
+                  extra: list | tuple = ()) -> metrics.Writer:
     """The experiment's writers; resume_step cuts each back to the checkpoint's step."""
     return metrics.MultiWriter([
         metrics.CsvWriter(out_dir, name, TRAIN_FIELDS, resume_step),
         metrics.CsvWriter(out_dir, f"{name}_val", VAL_FIELDS, resume_step),
         metrics.JsonlWriter(out_dir, name, resume_step),
         metrics.TensorBoardWriter(out_dir, name, resume_step),
+        *extra,
     ])
 
 
@@ -216,12 +219,14 @@ def run_experiment(
     position: int = 0,
     stop: threading.Event | None = None,
     fuse: bool | None = None,
+    writers: Callable | None = None,
 ) -> Result:
     """Train one experiment on its device(s); save checkpoints; return its metrics.
 
     fuse: run blocks as one `train_steps` dispatch (default: on accelerators,
     where a step is short enough for dispatch to matter; on the CPU single
-    steps keep resume bit-exact from any step).
+    steps keep resume bit-exact from any step). writers(exp): extra metric
+    writers (W&B) beside the files.
     """
     c = exp.config
     place = Placement(exp.devices)
@@ -245,7 +250,8 @@ def run_experiment(
         with jax.default_device(init_device):  # initialise where it will live
             state = place.put(create_state(c, total_steps=total))
         progress = checkpoint.progress_record()
-    writer = metric_writer(out_dir, exp.name, latest) if lead else metrics.MultiWriter([])
+    extra = writers(exp) if writers is not None and lead else []
+    writer = metric_writer(out_dir, exp.name, latest, extra) if lead else metrics.MultiWriter([])
     rng = place.put(jax.random.PRNGKey(c.seed + 1))
     sample = list(eval_groups(data.eval_sample(prepared.val, c.eval_batches, c.batch_size, c.seed),
                               place, c.eval_batches)) if len(prepared.val) else []

@@ -8,6 +8,11 @@
   boundary and return, and the ones not started yet are not started.
 - `prepare(config)` gives an experiment its data (data.Prepared); the caller
   memoises it, so experiments that agree on the data settings share one copy.
+- stack=True: experiments that share a device and differ only in values
+  (stack.groups) train together as one vmapped program (stack.run_stacked);
+  the others as usual.
+- writers(experiment) -> extra metric writers (e.g. W&B) beside the CSV,
+  JSONL and TensorBoard ones.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pathlib
 import threading
 from typing import Callable
 
+from minigpt_jax import stack as stacking
 from minigpt_jax.loop import Experiment, Result, run_experiment
 
 
@@ -27,38 +33,52 @@ def run_all(
     resume: bool = False,
     stop: threading.Event | None = None,
     on_result: Callable | None = None,
+    stack: bool = False,
+    writers: Callable | None = None,
 ) -> list[Result]:
     """Run experiments, those on distinct devices at the same time; results in input order.
 
-    on_result(result) is called in the experiment's thread as soon as it
-    finishes (exports, per-experiment plots); an exception there marks the
+    on_result(result) is called in the experiment's thread as soon as it (or its
+    stack) finishes (exports, per-experiment plots); an exception there marks the
     result failed.
     """
     results: dict[int, Result] = {}
-    by_device: dict[tuple, list[int]] = {}
-    for i, e in enumerate(experiments):
-        by_device.setdefault(e.devices, []).append(i)
+    groups = stacking.groups(experiments) if stack else [[i] for i in range(len(experiments))]
+    by_device: dict[tuple, list[list[int]]] = {}
+    for g in groups:
+        by_device.setdefault(experiments[g[0]].devices, []).append(g)
 
-    def worker(indices: list[int]) -> None:
-        for i in indices:
-            e = experiments[i]
+    def failed(i: int, status: str) -> Result:
+        e = experiments[i]
+        return Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides)
+
+    def worker(device_groups: list[list[int]]) -> None:
+        for g in device_groups:
             if stop is not None and stop.is_set():
-                results[i] = Result(e.name, e.config, e.label, [], [], 0.0, "stopped before start", e.overrides)
+                results.update({i: failed(i, "stopped before start") for i in g})
                 continue
             try:
-                r = run_experiment(e, prepare(e.config), out_dir, max_steps, resume, i, stop)
-            except Exception as ex:
+                exps = [experiments[i] for i in g]
+                preps = [prepare(e.config) for e in exps]
+                if len(g) > 1:
+                    got = stacking.run_stacked(exps, preps, out_dir, max_steps, resume, g[0], stop,
+                                               extra_writers=writers)
+                else:
+                    got = [run_experiment(exps[0], preps[0], out_dir, max_steps, resume, g[0], stop,
+                                          writers=writers)]
+            except Exception as ex:  # one group's failure must not end the others
                 reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-                r = Result(e.name, e.config, e.label, [], [], 0.0, f"failed: {reason}", e.overrides)
-            if on_result is not None:
-                try:
-                    on_result(r)
-                except Exception as ex:
-                    r.status = f"failed: writing outputs: {str(ex).splitlines()[0] if str(ex) else ex!r}"
-            results[i] = r
+                got = [failed(i, f"failed: {reason}") for i in g]
+            for i, r in zip(g, got):
+                if on_result is not None:
+                    try:
+                        on_result(r)
+                    except Exception as ex:
+                        r.status = f"failed: writing outputs: {str(ex).splitlines()[0] if str(ex) else ex!r}"
+                results[i] = r
 
-    threads = [threading.Thread(target=worker, args=(idx,), name=f"minigpt-{n}", daemon=True)
-               for n, idx in enumerate(by_device.values())]
+    threads = [threading.Thread(target=worker, args=(gs,), name=f"minigpt-{n}", daemon=True)
+               for n, gs in enumerate(by_device.values())]
     for t in threads:
         t.start()
     for t in threads:

@@ -56,7 +56,7 @@ VALUE_FIELDS = ("lr", "weight_decay", "seed", "max_epochs", "val_fraction")  # m
 _WHY = {  # field group -> why it must be equal
     ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "batch_size"):
         "different shapes (params, optimizer state and batches are stacked along one axis)",
-    ("dtype",): "a different compiled program (the compute dtype)",
+    ("dtype", "matmul_precision"): "a different compiled program (the compute dtype or matmul precision)",
     ("dropout",): "the attention dropout rate is a constant of the model's program (model.py), not a value",
     ("lr_schedule", "warmup_steps", "min_lr_ratio", "grad_clip", "decay_params"):
         "the schedule's shape, clipping and the decay mask are static in the optimizer (optim.py)",
@@ -146,12 +146,14 @@ def run_stacked(
     position: int = 0,
     stop: threading.Event | None = None,
     fuse: bool | None = None,
+    extra_writers: Callable | None = None,
 ) -> list[loop.Result]:
     """Train the experiments as one stack on their shared device -> their Results, in order.
 
     prepared: one Prepared for all, or one per experiment (a variant runs as if
     alone only on its own: the held-out split depends on the seed). fuse: as in
     loop.run_experiment (default: fused blocks on accelerators, single steps on the CPU).
+    extra_writers(experiment): more metric writers (W&B), as in loop.run_experiment.
     ValueError, before anything is written, if the experiments cannot be stacked.
     """
     names = [e.name for e in experiments]
@@ -199,7 +201,8 @@ def run_stacked(
         raise
     state = place.put(stack_states(states))
     del states
-    writers = [loop.metric_writer(out_dir, n, at) for n, at in zip(names, latest)]
+    writers = [loop.metric_writer(out_dir, e.name, at, extra_writers(e) if extra_writers else [])
+               for e, at in zip(experiments, latest)]
     rngs = place.put(jnp.stack([jax.random.PRNGKey(cv.seed + 1) for cv in configs]))
     samples = [list(loop.eval_groups(data.eval_sample(p.val, cv.eval_batches, cv.batch_size, cv.seed),
                                      place, cv.eval_batches)) if len(p.val) else []
@@ -369,57 +372,4 @@ def groups(experiments: Sequence[loop.Experiment]) -> list[list[int]]:
         else:
             out.append([i])
     return out
-
-
-def run_all(
-    experiments: list[loop.Experiment],
-    prepare: Callable,
-    out_dir: pathlib.Path,
-    max_steps: int | None = None,
-    resume: bool = False,
-    stop: threading.Event | None = None,
-    on_result: Callable | None = None,
-) -> list[loop.Result]:
-    """parallel.run_all with stacking: each group (`groups`) trains as one stack, groups on
-    distinct devices at the same time, those sharing a device one after another; results in
-    input order. prepare(config) gives an experiment its data; on_result(result) is called
-    for each variant as its stack finishes (an exception there marks that result failed)."""
-    results: dict[int, loop.Result] = {}
-    by_device: dict[tuple, list[list[int]]] = {}
-    for g in groups(experiments):
-        by_device.setdefault(experiments[g[0]].devices, []).append(g)
-
-    def failed(i: int, status: str) -> loop.Result:
-        e = experiments[i]
-        return loop.Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides)
-
-    def worker(stacks: list[list[int]], position: int) -> None:
-        for g in stacks:
-            if stop is not None and stop.is_set():
-                results.update({i: failed(i, "stopped before start") for i in g})
-                continue
-            try:
-                exps = [experiments[i] for i in g]
-                preps = [prepare(e.config) for e in exps]
-                got = (run_stacked(exps, preps, out_dir, max_steps, resume, position, stop) if len(g) > 1
-                       else [loop.run_experiment(exps[0], preps[0], out_dir, max_steps, resume, position, stop)])
-            except Exception as ex:  # noqa: BLE001 - one group's failure must not end the others
-                reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-                got = [failed(i, f"failed: {reason}") for i in g]
-            for i, r in zip(g, got):
-                if on_result is not None:
-                    try:
-                        on_result(r)
-                    except Exception as ex:  # noqa: BLE001 - reported in the result's status
-                        r.status = f"failed: writing outputs: {str(ex).splitlines()[0] if str(ex) else ex!r}"
-                results[i] = r
-
-    threads = [threading.Thread(target=worker, args=(stacks, n), name=f"minigpt-stack-{n}", daemon=True)
-               for n, stacks in enumerate(by_device.values())]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(timeout=0.2)  # short joins keep the main thread responsive to signals
-    return [results[i] for i in range(len(experiments))]
 

@@ -82,6 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every value of KEY (repeatable: the grid of all keys) over the chosen"
                         " experiments (default with --sweep: baseline), named as the PyTorch project"
                         " names them: lr_1e-3, lr_1e-3_batch_size_16, n_layers_1_lr_1e-3")
+    p.add_argument("--stack", action="store_true",
+                   help="train experiments that share a device and differ only in values (lr,"
+                        " weight_decay, seed, max_epochs, val_fraction: typically a --sweep) together"
+                        " as one vmapped program; each keeps its own data order, metrics, checkpoint"
+                        " and .pt (see README, Sweeps)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log every experiment's metrics to Weights & Biases, project PROJECT"
+                        " (needs the wandb package; nothing else imports it)")
     p.add_argument("--max-steps", default=None, metavar="N",
                    help="stop each experiment after N steps in all (default: max_epochs over the data)")
     p.add_argument("--seed", default=None, metavar="S", help="shorthand for --set seed=S")
@@ -264,6 +272,15 @@ def load_sources(path: str | None, vocab_size: int, text_docs: str = "file"):
     return read_sequences(path, vocab_size)
 
 
+def wandb_writers(project: str | None):
+    """experiment -> [a W&B run named after it], or None without --wandb."""
+    if project is None:
+        return None
+    from minigpt_jax import metrics
+
+    return lambda e: [metrics.WandbWriter(project=project, name=e.name, config=e.config.to_dict())]
+
+
 def export_state_dict(out: pathlib.Path, r) -> None:
     """outcome/mini_gpt_<name>.pt, or one notice without torch."""
     from tqdm.auto import tqdm
@@ -324,6 +341,12 @@ def main(argv=None) -> int:
                 optim.lr_shape(c, min(total, max_steps or total))  # the schedule fits the run
             except cfg.ConfigError as e:
                 raise UsageError(f"{name}: {e}") from None
+        if args.wandb is not None:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UsageError(f"--wandb {args.wandb}: the wandb package is not installed;"
+                                 " expected pip install wandb, or no --wandb") from None
         if args.resume:
             try:
                 checkpoint.check_resumable(out, configs)
@@ -358,7 +381,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
     try:
         results = parallel.run_all(experiments, lambda c: data.prepare(seqs, c), out, max_steps,
-                                   args.resume, stop, on_result=on_result)
+                                   args.resume, stop, on_result=on_result, stack=args.stack,
+                                   writers=wandb_writers(args.wandb))
         if lead:
             report.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
             report.write_results_table(out, [r.table_row() for r in results])

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, sources, stack
+from minigpt_jax import checkpoint, data, loop, parallel, sources, stack
 from minigpt_jax.config import Config
 
 # Float32 tolerance of a stacked variant against its separate run: a vmapped matmul is another
@@ -187,8 +187,8 @@ def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_p
     exps = [a, loop.Experiment("wide", small(embed_dim=64), d1), b, loop.Experiment("c2", c.config, d2)]
     assert stack.groups(exps) == [[0, 2], [1], [3]]
     done = []
-    results = stack.run_all(exps, lambda cfg: data.prepare(seqs, cfg), tmp_path, max_steps=2,
-                            on_result=lambda r: done.append(r.name))
+    results = parallel.run_all(exps, lambda cfg: data.prepare(seqs, cfg), tmp_path, max_steps=2,
+                               on_result=lambda r: done.append(r.name), stack=True)
     assert [r.name for r in results] == ["a", "wide", "b", "c2"] and sorted(done) == sorted(["a", "wide", "b", "c2"])
     assert all(r.status == "ok" and len(r.rows) == 2 for r in results), [r.status for r in results]
     for r, name in ((results[0], "a"), (results[2], "b"), (results[3], "c")):

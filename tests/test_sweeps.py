@@ -97,3 +97,20 @@ def test_cosine_schedule_needs_more_steps_than_its_warmup(tmp_path, text_folder)
     lines = r.stderr.strip().splitlines()
     assert lines == ["run.py: error: baseline: warmup_steps=5: must be < the run's total steps (2)"
                      " with cosine"], r.stderr
+
+
+def test_a_stacked_sweep_equals_the_same_sweep_run_variant_by_variant(tmp_path, text_folder):
+    """--stack trains the variants as one vmapped program; each still gets its own files and
+    the same per-step losses (float32 rounding: tests/test_stack.py states the bound)."""
+    common = ["--data", text_folder, "--sweep", "lr=1e-3,3e-3", "--sweep", "seed=1,2", "--max-steps", 3,
+              *TINY, "--set", "dropout=0.1"]
+    alone = run(*common, "--out", tmp_path / "alone")
+    stacked = run(*common, "--stack", "--out", tmp_path / "stacked")
+    assert alone.returncode == stacked.returncode == 0, stacked.stderr[-3000:]
+    for name in ["lr_1e-3_seed_1", "lr_1e-3_seed_2", "lr_3e-3_seed_1", "lr_3e-3_seed_2"]:
+        a, s = ([float(r["loss"]) for r in csv.DictReader(open(tmp_path / d / f"metrics_{name}.csv"))]
+                for d in ("alone", "stacked"))
+        assert len(a) == len(s) == 3 and a == pytest.approx(s, rel=1e-6), name
+        for f in (f"mini_gpt_{name}.pt", f"loss_curve_{name}.png", "report.md"):
+            assert (tmp_path / "stacked" / f).is_file(), f
+        assert (tmp_path / "stacked" / "checkpoints" / name).is_dir()
