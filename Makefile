@@ -38,4 +38,5 @@ test-gpu: $(STAMP)
 	MINIGPT_TEST_GPU=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) outcome/*.png outcome/*.csv outcome/*.txt outcome/*.pt outcome/checkpoints
+	rm -rf $(VENV) outcome/*.png outcome/*.csv outcome/*.jsonl outcome/*.txt outcome/*.pt outcome/report.* \
+		outcome/checkpoints outcome/tensorboard
