@@ -167,8 +167,8 @@ class Checkpointer:
         self.pending: tuple[int, int, concurrent.futures.Future] | None = None  # (step, bytes, write)
         self.saved: int | None = self.mngr.latest_step()
 
-    def restore(self, step: int, placement=None) -> tuple[TrainState, dict]:
-        return restore(self.mngr, step, self.config, placement)
+    def restore(self, step: int, placement=None, total_steps: int | None = None) -> tuple[TrainState, dict]:
+        return restore(self.mngr, step, self.config, placement, total_steps)
 
     def _failed(self, step: int, need: int, e: BaseException) -> SaveError:
         _drop_late_read_callbacks()  # the write's own callbacks fail after it, one traceback each
@@ -241,9 +241,20 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=None) -> tuple[TrainState, dict]:
-    """The train state (laid out by `placement`, a minigpt_jax.placement.Placement) and progress saved at `step`."""
-    fresh = create_state(config)
+def _structure(config: Config, total_steps: int | None) -> TrainState:
+    """A fresh state of the config's structure. A cosine schedule needs the run's length to build
+    its optimizer; without one (reading params, not training on) a constant schedule gives the
+    same state structure."""
+    if total_steps is None and config.lr_schedule == "cosine":
+        config = config.replace(lr_schedule="constant")
+    return create_state(config, total_steps=total_steps)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=None,
+            total_steps: int | None = None) -> tuple[TrainState, dict]:
+    """The train state (laid out by `placement`, a minigpt_jax.placement.Placement) and progress
+    saved at `step`; total_steps: the run's length, for a training state under a cosine schedule."""
+    fresh = _structure(config, total_steps)
     if placement is not None:
         fresh = placement.put(fresh)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(fresh))
@@ -277,7 +288,7 @@ def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> None:
     except Exception as e:
         _drop_late_read_callbacks()
         raise CheckpointError(f"{where}: damaged, cannot be read ({brief(e)})") from None
-    expected = [x.shape for x in jax.tree_util.tree_leaves(jax.eval_shape(lambda: state_tree(create_state(config))))]
+    expected = [x.shape for x in jax.tree_util.tree_leaves(jax.eval_shape(lambda: state_tree(_structure(config, None))))]
     if saved != expected:
         i = next((i for i, (a, b) in enumerate(zip(saved, expected)) if a != b), min(len(saved), len(expected)))
         got, want = (saved[i] if i < len(saved) else "none"), (expected[i] if i < len(expected) else "none")

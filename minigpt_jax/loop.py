@@ -244,7 +244,7 @@ def run_experiment(
         if lead:
             tqdm.write(f"{exp.name}: resuming at step {latest} from {ckpt.directory / str(latest)}",
                        file=sys.stderr)
-        state, progress = ckpt.restore(latest, place)
+        state, progress = ckpt.restore(latest, place, total)
     else:
         init_device = place.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]
         with jax.default_device(init_device):  # initialise where it will live

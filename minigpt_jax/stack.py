@@ -188,7 +188,7 @@ def run_stacked(
         for e, k, at, total in zip(experiments, ckpts, latest, totals):
             if at is not None:
                 tqdm.write(f"{e.name}: resuming at step {at} from {k.directory / str(at)}", file=sys.stderr)
-                s, p = k.restore(at, place)
+                s, p = k.restore(at, place, total)
             else:
                 with jax.default_device(place.devices[0]):
                     s, p = train.create_state(e.config, total_steps=total), checkpoint.progress_record()

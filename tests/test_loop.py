@@ -235,3 +235,21 @@ def test_a_failing_writer_stops_with_one_line(tmp_path, prep, monkeypatch, capfd
     assert "Traceback" not in capfd.readouterr().err
     assert checkpoint.manager(ckpt).latest_step() == 2
     assert [row["step"] for row in r.rows][:4] == [1, 2, 3, 4]  # the metrics are kept
+
+
+def test_a_stopped_cosine_run_resumes_on_the_same_schedule(tmp_path, prep):
+    """The schedule's length is the run's: a resumed run rebuilds it from the same total."""
+    import threading
+
+    c = small(lr_schedule="cosine", warmup_steps=2, dropout=0.1)
+    exp = loop.Experiment("cos", c, jax.devices()[0])
+    straight = loop.run_experiment(exp, prep, tmp_path / "a", max_steps=9)
+    stop = threading.Event()
+    stop.set()  # honoured at the first block's end (step 3)
+    stopped = loop.run_experiment(exp, prep, tmp_path / "b", max_steps=9, stop=stop)
+    assert stopped.status == "stopped at step 3"
+    resumed = loop.run_experiment(exp, prep, tmp_path / "b", max_steps=9, resume=True)
+    assert resumed.status == "ok" and key(resumed.rows) == key(straight.rows)
+    lrs = [r["lr"] for r in straight.rows]
+    assert lrs[:3] == pytest.approx([5e-4 / 3, 1e-3 / 3, 5e-4], rel=1e-6)  # nanoGPT's warmup
+    assert lrs[2] > lrs[5] > lrs[8] > 0  # then the cosine down
