@@ -254,9 +254,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=No
             total_steps: int | None = None) -> tuple[TrainState, dict]:
     """The train state (laid out by `placement`, a minigpt_jax.placement.Placement) and progress
     saved at `step`; total_steps: the run's length, for a training state under a cosine schedule."""
-    fresh = _structure(config, total_steps)
-    if placement is not None:
-        fresh = placement.put(fresh)
+    if placement is not None:  # built where it will live: nothing lands on an unlisted device
+        with jax.default_device(placement.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]):
+            fresh = placement.put(_structure(config, total_steps))
+    else:
+        fresh = _structure(config, total_steps)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(fresh))
     try:
         got = mngr.restore(
