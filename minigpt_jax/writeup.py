@@ -261,7 +261,7 @@ def loss_at_tokens(results) -> tuple[int, dict[str, float]] | None:
     return int(t), {n: float(np.interp(t, x, y)) for n, (x, y) in curves.items()}
 
 
-def observations(results) -> list[str]:
+def observations(results, stacked: bool = False) -> list[str]:
     """Sentences computed from the numbers."""
     rows = {r.name: r.table_row() for r in results}
     notes = []
@@ -314,7 +314,9 @@ def observations(results) -> list[str]:
                      + ", ".join(f"`{n}` {g:+.4f}" for g, n in gaps) + ".")
     if len(rates) >= 2:
         devices = sorted({r.device for r in results})
-        how = (f"all on {devices[0]}, one after another" if len(devices) == 1
+        how = (f"all on {devices[0]}, those that could stack trained together (--stack)"
+               if stacked and len(devices) == 1
+               else f"all on {devices[0]}, one after another" if len(devices) == 1
                else f"on {len(devices)} devices, those on distinct devices at the same time,"
                " sharing the host")
         notes.append(f"Throughput ranged from {rates[0][0]:,.0f} tokens/s (`{rates[0][1]}`) to"
@@ -322,7 +324,7 @@ def observations(results) -> list[str]:
     return notes or ["No experiment wrote a metric row: there is nothing to compare."]
 
 
-def results_section(out_dir: pathlib.Path, results) -> str:
+def results_section(out_dir: pathlib.Path, results, stacked: bool = False) -> str:
     rows = []
     for r in results:
         row = r.table_row()
@@ -336,7 +338,7 @@ def results_section(out_dir: pathlib.Path, results) -> str:
             " The same numbers, unrounded, are in [results_table.csv](results_table.csv)."), "",
            _table(["experiment", "status", "steps", "tokens", "final loss", "smoothed loss",
                    "smoothed ppl", "val loss", "val ppl"], rows, right=set(range(2, 9))), "",
-           "### Observations", "", *[f"- {n}" for n in observations(results)], ""]
+           "### Observations", "", *[f"- {n}" for n in observations(results, stacked)], ""]
     plots = [f for f in ("loss_curves.png", "perplexity_curves.png") if (out_dir / f).is_file()]
     if plots:
         out += ["### Comparison (x axis: label tokens seen)", ""]
@@ -387,7 +389,7 @@ def report_text(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str,
             ("Written by `scripts/run.py` from this run's numbers; the per-step values are in"
              " `metrics_<name>.csv`, the results in `results_table.csv`."), ""]
     return "\n".join(head + [model_section(results), data_section(results, prepared, source),
-                             setup_section(results, run or {}), results_section(out_dir, results)])
+                             setup_section(results, run or {}), results_section(out_dir, results, (run or {}).get("Stacked") == "yes")])
 
 
 def write_report(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],

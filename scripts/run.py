@@ -389,7 +389,8 @@ def main(argv=None) -> int:
             command = shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)])
             writeup.write_report(out, results, writeup.data_statistics(seqs, results),
                                  writeup.source_text(seqs),
-                                 {"Command": f"`{command}`", "Resumed": "yes" if args.resume else "no"})
+                                 {"Command": f"`{command}`", "Resumed": "yes" if args.resume else "no",
+                                  "Stacked": "yes" if args.stack else "no"})
     except KeyboardInterrupt:
         # Leave now, without waiting for the experiments' threads: plots and tables are written
         # to a temporary name and renamed, every checkpoint commits by a rename, and a metrics
