@@ -1,1 +1,1 @@
-"""MiniGPT in JAX: config -> tokenizer -> corpus -> data -> model -> train -> runner -> report."""
+"""MiniGPT in JAX: config -> sources -> data -> model -> losses -> optim -> train -> loop -> parallel -> report."""

@@ -306,8 +306,8 @@ def run_experiment(
             if not (eval_due or ckpt_due):
                 continue
             drain()
-            if eval_due and (sample or step == total):
-                full = step == total and len(prepared.val) > 0
+            if eval_due and len(prepared.val):  # val_fraction=0: nothing held out, nothing evaluated
+                full = step == total
                 groups = eval_groups(data.eval_batches(prepared.val, c.batch_size), place,
                                      c.eval_batches) if full else sample
                 validate(groups, step)

@@ -295,10 +295,10 @@ def run_stacked(
             for v in range(V):
                 if not (live[v] and step <= totals[v]):
                     continue
-                if ending[v] or (step % c.eval_every == 0 and samples[v]):
+                if len(preps[v].val) and (ending[v] or step % c.eval_every == 0):
                     groups = (loop.eval_groups(data.eval_batches(preps[v].val, configs[v].batch_size),
                                                place, configs[v].eval_batches)
-                              if ending[v] and len(preps[v].val) else samples[v])
+                              if ending[v] else samples[v])
                     vl, vp = loop.evaluate(variant(state, v), groups)
                     writers[v].write_scalars(step, {"val/tokens": tokens[v], "val/loss": vl,
                                                     "val/perplexity": vp})

@@ -197,7 +197,7 @@ def make_batches(c: cfg.Config, kind: str):
     n = 400
     ds = data.batch_dataset(train_chunks, c.batch_size, c.seed, -(-n // per_epoch))
     t = time.perf_counter()
-    it = data.batch_iterator(ds, 0, c.num_workers)  # as the runner reads it, thread start included
+    it = data.batch_iterator(ds, 0, c.num_workers)  # as the training loop reads it
     batches = [next(it) for _ in range(n)]
     rate = n / (time.perf_counter() - t)
     return batches[:N_BATCHES], rate
@@ -217,7 +217,7 @@ class JaxContender:
         self.init_params = jax.device_get(self.state.params)  # host copy: the state is donated
         self.rng = jax.random.key(c.seed + 1)
         self.fused = name == "jax_fused"
-        # every batch on the device before timing (the runner prefetches with train.device_prefetch)
+        # every batch on the device before timing: the step alone is timed
         if self.fused:
             self.inputs = [jax.device_put(np.stack([batches[(i * block + k) % len(batches)] for k in range(block)]))
                            for i in range(len(batches))]

@@ -253,3 +253,12 @@ def test_a_stopped_cosine_run_resumes_on_the_same_schedule(tmp_path, prep):
     lrs = [r["lr"] for r in straight.rows]
     assert lrs[:3] == pytest.approx([5e-4 / 3, 1e-3 / 3, 5e-4], rel=1e-6)  # nanoGPT's warmup
     assert lrs[2] > lrs[5] > lrs[8] > 0  # then the cosine down
+
+
+def test_nothing_held_out_means_no_evaluation(tmp_path, seqs):
+    """val_fraction=0 (training on everything, as the PyTorch project did): no validation rows."""
+    c = small(val_fraction=0.0)
+    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), data.prepare(seqs, c), tmp_path,
+                            max_steps=4)
+    assert r.status == "ok" and len(r.rows) == 4 and r.val_rows == []
+    assert r.table_row()["val_loss"] is None
