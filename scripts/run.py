@@ -409,4 +409,14 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as e:
+        if e.code == 2:
+            # Bad input: nothing was trained or written. Leave without the interpreter's
+            # shutdown, where tensorstore reads still in flight from a refused checkpoint
+            # print "Event loop is closed" tracebacks after the one line that matters.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        raise
