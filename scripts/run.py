@@ -332,9 +332,11 @@ def main(argv=None) -> int:
             if c.batch_size % len(devices[0]):
                 raise UsageError(f"{name}: batch_size={c.batch_size} is not divisible by the"
                                  f" {len(devices[0])} data-parallel devices")
-        seqs = load_sources(args.data, max(c.vocab_size for c in configs.values()), args.text_docs)
+        vocab_sizes = sorted({c.vocab_size for c in configs.values()})
+        seqs = load_sources(args.data, vocab_sizes[-1], args.text_docs)  # read and checked once
+        for vocab_size in vocab_sizes[:-1]:
+            seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
         for name, c in configs.items():
-            seqs.check(c.vocab_size)
             prepared = data.prepare(seqs, c)  # once per data setting, shared by those that agree
             total = data.steps_per_epoch(len(prepared.train), c.batch_size) * c.max_epochs
             try:
