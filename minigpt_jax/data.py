@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from minigpt_jax.config import PAD_TOKEN_ID, SEQ_MAX, SEQ_MIN, VOCAB_SIZE
-from minigpt_jax.sources import DataError, Sequences, from_arrays
+from minigpt_jax.config import PAD_TOKEN_ID, SEQ_MAX, SEQ_MIN
+from minigpt_jax.sources import DataError, Sequences
 
 _ROWS = 1 << 16  # segments per block where a pass needs temporaries: bounds their memory
 
@@ -288,12 +288,7 @@ def eval_sample(segments: np.ndarray, n: int, batch_size: int, seed: int) -> lis
     return _batched(segments[pick], batch_size)
 
 
-# --- the list API, kept for callers not yet on Sequences/prepare --------------------------
-
-
-def check_sequences(seqs: Sequence[np.ndarray], source: str, vocab_size: int = VOCAB_SIZE) -> None:
-    """Raise DataError unless seqs is a non-empty list of 1-D integer arrays in range."""
-    from_arrays(seqs, source, "tokenized", vocab_size)
+# --- the old every-token rule as a list function, the tests' independent reference ------
 
 
 def chunk_sequences(seqs: Sequence[np.ndarray], seq_len: int) -> np.ndarray:
@@ -307,12 +302,3 @@ def chunk_sequences(seqs: Sequence[np.ndarray], seq_len: int) -> np.ndarray:
     )
     return gather(tokens, offsets[seq] + start, take, seq_len)
 
-
-def split_chunks(
-    chunks: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded held-out split of chunks -> (train, val); at least one chunk stays for training.
-    (prepare splits by whole sequence instead.)"""
-    n_val = min(int(round(len(chunks) * val_fraction)), len(chunks) - 1)
-    perm = np.random.default_rng(seed).permutation(len(chunks))
-    return chunks[np.sort(perm[n_val:])], chunks[np.sort(perm[:n_val])]

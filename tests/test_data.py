@@ -230,13 +230,9 @@ def test_eval_batches_are_all_in_order_pad_last():
         ([np.array([1]), np.array([], int)], "every sequence is shorter than 2 tokens"),
     ],
 )
-def test_check_sequences_list_api(seqs, message):
+def test_sequences_from_a_list_are_checked(seqs, message):
     with pytest.raises(data.DataError) as e:
-        data.check_sequences(seqs, "x.pt")
+        sources.from_arrays(seqs, "x.pt", "tokenized")
     assert str(e.value).startswith("x.pt: ") and message in str(e.value)
 
 
-def test_split_chunks_list_api():
-    tr, va = data.split_chunks(_chunks(100, 4), 0.05, seed=1)
-    assert len(va) == 5 and len(tr) == 95 and not set(tr[:, 0]) & set(va[:, 0])
-    assert len(data.split_chunks(_chunks(1, 4), 0.5, seed=1)[1]) == 0

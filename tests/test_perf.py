@@ -8,27 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax.config import PAD_TOKEN_ID
-from minigpt_jax.losses import masked_lm_loss
-from minigpt_jax.model import MiniGPT
 from minigpt_jax.train import create_state, device_prefetch, eval_step, train_step, train_steps
-
-
-def _tokens(c, seed=0, pads=True):
-    t = (
-        np.random.default_rng(seed)
-        .integers(0, PAD_TOKEN_ID, (c.batch_size, c.seq_len))
-        .astype(np.int32)
-    )
-    if pads:
-        t[0, c.seq_len // 2 :] = PAD_TOKEN_ID  # a PAD suffix
-        t[1, 3] = PAD_TOKEN_ID  # a PAD in the middle
-        t[2, :] = PAD_TOKEN_ID  # a row without any label
-    return jnp.asarray(t)
-
-
-def _full_logits_loss(c, params, tokens):
-    return masked_lm_loss(MiniGPT(c).apply({"params": params}, tokens), tokens)
+from test_losses import _full_logits_loss, _tokens  # one batch recipe for the head's and the step's tests
 
 
 def test_eval_step_equals_full_logits_loss(tiny):
