@@ -14,15 +14,14 @@
 from __future__ import annotations
 
 import ast
-import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
 
 import numpy as np
 
 from minigpt_jax import tokenizer
+from minigpt_jax.files import atomic_path, cache_dir
 from minigpt_jax.config import SEQ_MIN
 
 DEFAULT_CORPUS_TOKENS = 98_304  # cap on the default corpus; sets the README run's time
@@ -90,11 +89,6 @@ def build_default_corpus(max_tokens: int = DEFAULT_CORPUS_TOKENS) -> list[np.nda
     return out
 
 
-def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "minigpt_jax"
-
-
 def default_corpus(max_tokens: int = DEFAULT_CORPUS_TOKENS) -> list[np.ndarray]:
     """The default corpus, from the cache when it is there."""
     version = ".".join(map(str, sys.version_info[:3]))
@@ -109,10 +103,8 @@ def default_corpus(max_tokens: int = DEFAULT_CORPUS_TOKENS) -> list[np.ndarray]:
     seqs = build_default_corpus(max_tokens)
     offsets = np.cumsum([0] + [len(s) for s in seqs])
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, tokens=np.concatenate(seqs), offsets=offsets)
-        os.replace(tmp.name, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, tokens=np.concatenate(seqs), offsets=offsets)
     except OSError:
         pass  # an unwritable cache only costs a rebuild next time
     return seqs

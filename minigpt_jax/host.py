@@ -51,7 +51,7 @@ def enable_compilation_cache() -> None:
     """Keep compiled steps on disk (unless the user chose a cache): a rerun, a resume
     or another experiment of the same shape skips XLA compilation."""
     if jax.config.jax_compilation_cache_dir is None:
-        from minigpt_jax.corpus import cache_dir
+        from minigpt_jax.files import cache_dir
 
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -23,12 +23,13 @@ import csv
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from minigpt_jax.files import atomic_path
 
 BUFFER_BYTES = 1 << 16  # file buffer of the CSV and JSONL writers
 TAIL_BYTES = 1 << 16  # end of a log read to find its last step (rows are far shorter)
@@ -103,19 +104,12 @@ def cut_back(path: pathlib.Path, step_of: Callable[[str], int], keep_step: int,
     past = bool(rows) and step_of(rows[-1].decode()) > keep_step
     if not (torn or past):
         return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; metrics are for colleagues to read
-        with os.fdopen(fd, "w", newline="") as out, open(path, newline="") as src:
-            for i, line in enumerate(src):
-                if not line.endswith("\n"):
-                    break  # the torn last row
-                if (header and i == 0) or step_of(line) <= keep_step:
-                    out.write(line)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as out, open(path, newline="") as src:
+        for i, line in enumerate(src):
+            if not line.endswith("\n"):
+                break  # the torn last row
+            if (header and i == 0) or step_of(line) <= keep_step:
+                out.write(line)
     return True
 
 

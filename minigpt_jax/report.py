@@ -27,9 +27,7 @@ import csv
 import io
 import math
 import numbers
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,6 +35,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from minigpt_jax.files import atomic_write_bytes
 
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 120  # 960 x 600 pixels
@@ -63,20 +63,6 @@ RESULT_COLUMNS = (
 )
 RESULT_FIELDS = tuple(c[0] for c in RESULT_COLUMNS)
 TXT_TEXT_MAX = 60  # characters of a text cell in the TXT table (the CSV keeps all)
-
-
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are for colleagues to read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def csv_text(rows: list[dict], fields: tuple[str, ...]) -> str:

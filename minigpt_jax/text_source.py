@@ -27,17 +27,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
-import os
 import pathlib
 import re
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
 from minigpt_jax import tokenizer
-from minigpt_jax.corpus import cache_dir
 from minigpt_jax.data import DataError
+from minigpt_jax.files import atomic_path, cache_dir
 
 PER = ("file", "block")
 PIECE_CHARS = 1 << 20  # characters tokenized per encode call, about
@@ -146,14 +144,8 @@ def tokenize_files(files: list[pathlib.Path], per: str, progress: bool = True) -
 
 
 def _save(path: pathlib.Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _load(stem: pathlib.Path) -> list[np.ndarray] | None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minigpt_jax.config import SEQ_MIN, Config, ConfigError
+from minigpt_jax.files import atomic_path
 from torch_compat.pt_io import load_pt, require_torch, tensor_to_numpy
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel/DDP; torch.compile
@@ -218,13 +219,8 @@ def save_state_dict(params: Mapping, path: str | os.PathLike) -> pathlib.Path:
     """Write to_state_dict(params) with torch.save, atomically (temporary name, then rename)."""
     torch = require_torch("saving a PyTorch state dict")
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(to_state_dict(params), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
