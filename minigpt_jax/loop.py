@@ -38,10 +38,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from minigpt_jax import checkpoint, data, metrics, report
+from minigpt_jax import checkpoint, data, evaluation, metrics, report
 from minigpt_jax.config import Config, num_params
 from minigpt_jax.placement import Placement
-from minigpt_jax.train import create_state, eval_steps, train_step, train_steps
+from minigpt_jax.train import create_state, train_step, train_steps
 
 BLOCK = 10  # steps per block: one fused dispatch on accelerators, one host read of metrics
 TRAIN_FIELDS = {"tokens": "train/tokens", "loss": "train/loss", "perplexity": "train/perplexity",
@@ -179,23 +179,11 @@ def host_rows(device_metrics, n: int) -> list[dict]:
 
 def evaluate(state, groups) -> tuple[float, float]:
     """Mean loss over every label of the held-out batch groups -> (loss, perplexity)."""
-    loss_sum, n = 0.0, 0.0
-    for g in groups:
-        m = jax.device_get(eval_steps(state, g))
-        loss_sum, n = loss_sum + float(m["loss_sum"]), n + float(m["tokens"])
-    loss = loss_sum / max(n, 1.0)
-    with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
-        return loss, float(np.exp(loss))
+    e = evaluation.evaluate(state, groups)
+    return e.loss, e.perplexity
 
 
-def eval_groups(batches: list[np.ndarray], place: Placement, size: int):
-    """Held-out batches stacked `size` at a time, all-PAD batches filling the last group
-    (they carry no label), so every group is one dispatch of one program. Lazy: the
-    whole held-out set is never on the device at once."""
-    for a in range(0, len(batches), size):
-        group = batches[a : a + size]
-        fill = [np.full_like(group[0], data.PAD_TOKEN_ID)] * (size - len(group))
-        yield place.put(np.stack(group + fill), place.stacked_rows)
+eval_groups = evaluation.groups
 
 
 def metric_writer(out_dir: pathlib.Path, name: str, resume_step: int | None,

@@ -60,7 +60,7 @@ _WHY = {  # field group -> why it must be equal
     ("dropout",): "the attention dropout rate is a constant of the model's program (model.py), not a value",
     ("lr_schedule", "warmup_steps", "min_lr_ratio", "grad_clip", "decay_params"):
         "the schedule's shape, clipping and the decay mask are static in the optimizer (optim.py)",
-    ("eval_every", "eval_batches", "ckpt_every", "ckpt_minutes", "num_workers", "segmentation"):
+    ("eval_every", "eval_batches", "eval_final_batches", "ckpt_every", "ckpt_minutes", "num_workers", "segmentation"):
         "run settings the stack shares (one block, evaluation and checkpoint schedule, one data layout)",
 }
 
