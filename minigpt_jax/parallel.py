@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import threading
 import time
 from typing import Callable
@@ -73,7 +74,7 @@ def run_all(
                 preps = [prepare(e.config) for e in exps]
                 segment = time.perf_counter() - t
                 if segment >= 0.5:  # a shared setting's second call is memoised: no line
-                    tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s")
+                    tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s", file=sys.stderr)
                 if len(g) > 1:
                     got = stacking.run_stacked(exps, preps, out_dir, max_steps, resume, g[0], stop,
                                                extra_writers=writers)

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import pathlib
 import tempfile
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -235,12 +236,12 @@ def run(
     except ValueError as e:
         raise RunError(str(e)) from None
     if notice and lead:
-        tqdm.write(f"run.py: {notice}")
+        tqdm.write(f"run.py: {notice}", file=sys.stderr)
     t = time.perf_counter()
     seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt)
     data_seconds = time.perf_counter() - t
     if lead:
-        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s")
+        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
     _check(p, seqs, out, resume, lists)
     exps = [loop.Experiment(name, c, devs, text) for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
     return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
@@ -262,7 +263,7 @@ def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_re
         r.phases["outputs"] = time.perf_counter() - t
 
     if lead:
-        tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}")
+        tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}", file=sys.stderr)
     results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), out, max_steps, resume, stop,
                                on_result=finished, stack=stack, writers=writers, concurrent=concurrent)
     if lead:
@@ -275,5 +276,5 @@ def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_re
         for r in results:
             r.phases["outputs"] = r.phases.get("outputs", 0.0) + time.perf_counter() - t
             tqdm.write(f"  {r.name:<14} {r.status}; " + ", ".join(
-                f"{k} {r.phases[k]:.1f} s" for k in report.PHASES if k in r.phases))
+                f"{k} {r.phases[k]:.1f} s" for k in report.PHASES if k in r.phases), file=sys.stderr)
     return results

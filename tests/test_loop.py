@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources
+from minigpt_jax import checkpoint, data, loop, parallel, sources, tables
 from minigpt_jax.config import Config
 
 
@@ -261,4 +261,4 @@ def test_nothing_held_out_means_no_evaluation(tmp_path, seqs):
     r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), data.prepare(seqs, c), tmp_path,
                             max_steps=4)
     assert r.status == "ok" and len(r.rows) == 4 and r.val_rows == []
-    assert r.table_row()["val_loss"] is None
+    assert tables.row(r)["val_loss"] is None

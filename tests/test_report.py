@@ -1,227 +1,197 @@
-"""Plots and results tables: smoothing, figure content, PNG files, CSV and TXT tables."""
+"""outcome/report.md: in process on made-up but consistent Results; end to end through run.py."""
 
 import csv
 import math
 import re
 
-import matplotlib.image
-from matplotlib.legend import Legend
 import numpy as np
 import pytest
 
-from minigpt_jax import report
+from minigpt_jax import data, evaluation, report, tables
+from minigpt_jax.config import Config, num_params
+from minigpt_jax.loop import Result
+from tests.test_run import TINY, data_folder, run  # noqa: F401 (data_folder: a fixture)
+
+SECTIONS = ["## 1. Model", "## 2. Data", "## 3. Training setup and experiments", "## 4. Results"]
 
 
-def fake_run(n_steps=100, batch_tokens=2000, final=5.2, seed=0, val_every=25):
-    """A language-model-like run: loss from ~11 down to `final`, with batch noise."""
-    rng = np.random.default_rng(seed)
-    rows, val_rows, tokens = [], [], 0
-    for step in range(1, n_steps + 1):
-        tokens += batch_tokens - int(rng.integers(0, 20))
-        loss = final + (11.0 - final) * math.exp(-step / 15) + rng.normal(0, 0.1)
-        rows.append({"step": step, "tokens": tokens, "loss": loss, "perplexity": math.exp(loss),
-                     "seconds": step * 0.1})
-        if step % val_every == 0:
-            vl = final + 0.1 + (11.0 - final) * math.exp(-step / 15)
-            val_rows.append({"step": step, "tokens": tokens, "val_loss": vl, "val_perplexity": math.exp(vl)})
-    return rows, val_rows
+def fake_result(name, config, losses, per_step=100, status="ok", val=None, overrides=""):
+    rows = [{"step": i + 1, "tokens": per_step * (i + 1), "loss": v, "perplexity": math.exp(v),
+             "lr": config.lr, "grad_norm": 1.0, "seconds": 0.1, "elapsed": 0.1 * (i + 1)}
+            for i, v in enumerate(losses)]
+    val_rows = [] if val is None else [{"step": len(rows), "tokens": rows[-1]["tokens"],
+                                        "val_loss": val, "val_perplexity": math.exp(val)}]
+    return Result(name, config, "cpu:0", rows, val_rows, 1.5, status, overrides)
 
 
-# --- smoothing -----------------------------------------------------------------------------
-
-def test_smooth_is_a_centred_moving_average_with_full_windows_at_the_end():
-    ramp = np.arange(100.0)
-    s = report.smooth(ramp, 11)
-    # Centred (and shrinking at the start): a linear trend comes out unchanged, no lag.
-    np.testing.assert_allclose(s[:95], ramp[:95])
-    # At the end the window is shifted inward: the mean of the last 11 steps (89..99).
-    np.testing.assert_allclose(s[95:], 94.0)
-    spike = np.zeros(41)
-    spike[20] = 11.0
-    expected = np.zeros(41)
-    expected[15:26] = 1.0  # spread evenly over the 11 windows that contain it
-    np.testing.assert_allclose(report.smooth(spike, 11), expected)
-    np.testing.assert_allclose(report.smooth(np.full(30, 5.0), 7), 5.0)
+def fake_prepared(n_train=40, n_val=4):
+    seg = np.zeros((n_train, 32), np.int32)
+    return data.Prepared(train=seg, val=np.zeros((n_val, 32), np.int32), sequences=30, held_out=2,
+                         dropped_sequences=3, dropped_tails=5, tokens=2000, dropped_tokens=100,
+                         label_tokens=1200, pad_share=0.125)
 
 
-def test_smooth_window_rules_and_non_finite_values():
-    x = np.random.default_rng(0).normal(size=60)
-    np.testing.assert_array_equal(report.smooth(x, 4), report.smooth(x, 5))  # rounded up to odd
-    np.testing.assert_array_equal(report.smooth(x), report.smooth(x, report.default_window(60)))
-    assert report.default_window(100) == 11 and report.default_window(19) == 1
-    np.testing.assert_allclose(report.smooth(x[:10]), x[:10], rtol=1e-12)  # too short to smooth
-    assert report.smooth([]).shape == (0,)
-    ramp = np.arange(50.0)
-    holed = ramp.copy()
-    holed[[20, 30]] = [np.nan, np.inf]  # diverged steps are left out of the means
-    s = report.smooth(holed, 5)
-    assert s[18] == np.mean([16, 17, 18, 19]) and s[20] == 20.0 and np.isfinite(s).all()
-    np.testing.assert_allclose(s[:16], ramp[:16])
-    assert np.isnan(report.smooth([np.nan, np.nan, np.nan], 3)).all()
+def links(text):
+    return re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
 
 
-def test_smooth_reduces_noise_by_about_sqrt_window():
-    noise = np.random.default_rng(1).normal(size=2000)
-    s = report.smooth(noise, 51)
-    assert 0.1 < s[100:-100].std() < 0.2  # 1/sqrt(51) = 0.14
+@pytest.fixture
+def page(tmp_path):
+    tiny = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
+    results = [
+        fake_result("baseline", tiny, np.linspace(10.0, 6.0, 20), val=6.2),
+        fake_result("wide", tiny.replace(embed_dim=64), np.linspace(10.0, 5.0, 10), per_step=300,
+                    val=5.5, overrides="embed_dim=64"),
+        fake_result("broken", tiny.replace(lr=1.0), [10.0, 12.0, 15.0],
+                    status="failed: broken: non-finite loss at step 4", overrides="lr=1.0"),
+    ]
+    prepared = fake_prepared()
+    for f in ("loss_curves.png", "loss_curve_baseline.png", "loss_curve_wide.png"):
+        (tmp_path / f).write_bytes(b"png")
+    path = report.write_report(tmp_path, results, {r.name: prepared for r in results},
+                                "made up (token sequences)", {"command": "`run.py --x`"})
+    return path.read_text(), results, tmp_path
 
 
-# --- figures -------------------------------------------------------------------------------
-
-def test_experiment_figures_are_labelled_and_not_squashed_by_the_first_steps():
-    rows, val_rows = fake_run()
-    figs = report.experiment_figures("lr_1e-3", rows, val_rows)
-    assert set(figs) == {"loss_curve_lr_1e-3.png", "perplexity_curve_lr_1e-3.png"}
-    ax = figs["loss_curve_lr_1e-3.png"].axes[0]
-    assert "lr_1e-3" in ax.get_title(loc="left")
-    assert ax.get_xlabel() == "step" and "nats" in ax.get_ylabel()
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["train loss, per step", "train loss, centred moving average (11 steps)",
-                      "validation loss"]
-    low, high = ax.get_ylim()
-    smoothed = report.smooth([r["loss"] for r in rows])
-    # The start (~11 nats) is above the range, which is said above the plot ...
-    assert high < 9.0 and "y axis cut" in ax.get_title(loc="right")
-    # ... but everything after the first 10% of the run, and every validation point, is inside.
-    assert high >= smoothed[10:].max() and high >= max(v["val_loss"] for v in val_rows)
-    assert low <= min(smoothed.min(), min(v["val_loss"] for v in val_rows))
-    ppl = figs["perplexity_curve_lr_1e-3.png"].axes[0]
-    assert ppl.get_yscale() == "log"
-    assert ppl.get_ylim()[1] == pytest.approx(math.exp(high), rel=1e-6)  # same cut, relabelled
+def test_four_sections_in_order_with_every_experiment(page):
+    text, results, _ = page
+    assert [text.index(s) for s in SECTIONS] == sorted(text.index(s) for s in SECTIONS)
+    for r in results:
+        assert text.count(f"| {r.name} |") >= 3, r.name  # parameters, experiments, results
 
 
-def test_short_runs_are_drawn_whole_and_unsmoothed():
-    rows, _ = fake_run(n_steps=5)
-    ax = report.experiment_figures("tiny", rows)["loss_curve_tiny.png"].axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss, per step"]
-    assert ax.get_ylim()[1] > max(r["loss"] for r in rows)
-    assert ax.get_title(loc="right") == ""
+def test_parameter_split_adds_up_to_the_closed_form_count(page):
+    text, results, _ = page
+    for r in results:
+        c = r.config
+        split = report.parameter_split(c)
+        assert split["embedding"] == split["head"] == c.vocab_size * c.embed_dim
+        assert split["positional"] == c.seq_len * c.embed_dim and split["ln_f"] == 2 * c.embed_dim
+        assert sum(split.values()) == num_params(c)
+        cells = [f"{v:,}" for v in split.values()] + [f"{num_params(c):,}"]
+        assert f"| {r.name} | " + " | ".join(cells) + " |" in text
 
 
-def test_comparison_uses_tokens_and_one_colour_per_experiment():
-    runs = {"baseline": fake_run(), "batch_size_16": fake_run(200, 1000, 5.4, seed=2),
-            "broken": ([], [])}
-    figs = report.comparison_figures(runs)
-    assert set(figs) == {"loss_curves.png", "perplexity_curves.png"}
-    ax = figs["loss_curves.png"].axes[0]
-    assert ax.get_xlabel() == "tokens seen"
-    lines = ax.get_lines()
-    assert len(lines) == 4  # smoothed line + validation markers per experiment with data
-    for line, markers in (lines[0:2], lines[2:4]):
-        assert line.get_color() == markers.get_color() and markers.get_marker() == "o"
-    # Both runs saw the same tokens over different step counts: the x ranges match.
-    assert lines[0].get_xdata()[-1] == pytest.approx(lines[2].get_xdata()[-1], rel=0.01)
-    legends = [[t.get_text() for t in c.get_texts()] for c in ax.get_children() if isinstance(c, Legend)]
-    assert sorted(legends) == [["baseline", "batch_size_16"],
-                               ["train, centred moving average (~1/10 run)", "validation"]]
-    assert figs["perplexity_curves.png"].axes[0].get_yscale() == "log"
-    assert report.comparison_figures({"broken": ([], [])}) == {}
+def test_data_numbers_and_steps_per_epoch(page):
+    text, _, _ = page
+    for fact in ["30 (2,000 tokens)",
+                 "44 segments kept; 3 sequences dropped whole, 5 tails dropped",
+                 "2 sequences held out -> 4 validation and 40 training segments", "1,200", "12.5%",
+                 "batch 4: 10"]:
+        assert fact in text, fact
 
 
-def test_png_files_are_written_whole_readable_and_not_blank(tmp_path):
-    rows, val_rows = fake_run()
-    paths = report.plot_experiment(tmp_path, "baseline", rows, val_rows)
-    paths += report.plot_comparison(tmp_path, {"baseline": (rows, val_rows), "n_layers_1": fake_run(seed=3)})
-    assert sorted(p.name for p in paths) == ["loss_curve_baseline.png", "loss_curves.png",
-                                             "perplexity_curve_baseline.png", "perplexity_curves.png"]
-    for path in paths:
-        image = matplotlib.image.imread(path)
-        assert image.shape[:2] == (600, 960), path  # 8 x 5 inches at 120 dpi
-        rgb = image[..., :3].reshape(-1, 3)
-        assert (rgb.min(axis=1) < 0.9).mean() > 0.02, f"{path} is nearly blank"
-        assert len(np.unique(np.round(rgb * 255), axis=0)) > 50, f"{path} has almost no colours"
-        assert path.stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files
+def test_observations_rank_compare_at_equal_tokens_and_name_the_failure(page):
+    text, _, _ = page
+    obs = text.split("### Observations")[1].split("###")[0]
+    # no standard error on these made-up results: the ranking must not claim an order
+    assert "`wide` reached the lowest validation loss, 5.5000 (perplexity 244.69)" in obs
+    assert "Ranking by validation loss (≈: within noise): `wide` ≈ `baseline`." in obs
+    assert "no standard error to test it against" in obs
+    assert "`broken` did not finish: failed: broken: non-finite loss at step 4 after 3 steps" in obs
+    assert "`broken` diverged" in obs and "`baseline` diverged" not in obs
+    gap = 6.2 - tables.row(page[1][0])["train_loss"]
+    assert f"over-fitting): `baseline` {gap:+.4f}, `wide` " in obs
+    assert "; all on cpu:0, one after another." in obs
+    (gap_line,) = [line for line in obs.splitlines() if "over-fitting): " in line]
+    assert "`broken`" not in gap_line  # its last evaluation predates its last step
+    assert report._f(1.4086e12, ".4f") == "1.409e+12" and report._f(None, ".4f") == "-"
+    # broken reached the fewest tokens, 300: baseline's 3rd step (a 3-step window over a straight
+    # line is the line), wide's 1st (its own value), broken's last (3 rows are not smoothed)
+    base = 10.0 - 4.0 * 2 / 19
+    assert (f"At 300 tokens seen (the most every experiment reached), the smoothed train loss was"
+            f" `baseline` {base:.4f}, `wide` 10.0000, `broken` 15.0000: `baseline` lowest,"
+            f" {15.0 - base:.4f} below `broken`.") in obs
 
 
-def test_failed_experiment_without_steps_writes_no_curve_and_does_not_crash(tmp_path):
-    assert report.plot_experiment(tmp_path, "failed", [], []) == []
-    assert report.plot_comparison(tmp_path, {"failed": ([], [])}) == []
-    nan_rows = [{"step": s, "tokens": 100 * s, "loss": math.nan, "perplexity": math.nan} for s in (1, 2, 3)]
-    paths = report.plot_experiment(tmp_path, "diverged", nan_rows)
-    assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
-    assert "3 non-finite steps" in report.experiment_figures("diverged", nan_rows)[
-        "loss_curve_diverged.png"].axes[0].get_title(loc="right")
+def test_only_existing_images_are_linked_and_the_html_beside_it(page):
+    text, _, out = page
+    assert links(text) == ["loss_curves.png", "loss_curve_baseline.png", "loss_curve_wide.png"]
+    assert "No curves" not in text.split("### broken")[0]
+    assert not list(out.glob("*.tmp"))
+    html = out / "report.html"
+    if html.exists():  # markdown-it-py present
+        assert "<table>" in html.read_text() and '<img src="loss_curves.png"' in html.read_text()
 
 
-# --- results table -------------------------------------------------------------------------
-
-RESULTS = [
-    {"experiment": "baseline", "final_loss": 5.2, "final_perplexity": 181.27, "overrides": "",
-     "parameters": 13_326_976, "device": "cuda:1",
-     "steps": 1200, "tokens": 2_419_000, "train_loss": 5.123456, "train_perplexity": 167.9,
-     "val_loss": 5.3, "val_perplexity": 200.34, "wall_seconds": 95.25, "tokens_per_second": 25396.0,
-     "status": "ok"},
-    {"experiment": "lr_1e-3", "final_loss": 5.5, "final_perplexity": 244.69, "overrides": {"lr": 0.001},
-     "parameters": 13_326_976, "device": "cuda:2",
-     "steps": 600, "tokens": 1_209_000, "train_loss": 5.6, "train_perplexity": 270.4,
-     "val_loss": math.nan, "val_perplexity": None, "wall_seconds": 48.0, "tokens_per_second": 25187.5,
-     "status": "stopped at step 600"},
-    {"experiment": "embed_dim_64", "overrides": "embed_dim=64", "device": "cuda:5",
-     "status": "failed: RuntimeError: out of memory\nwhile allocating " + "x" * 100},
-]
+# --- end to end ---------------------------------------------------------------------------------
 
 
-def test_results_csv_round_trips_with_the_documented_columns(tmp_path):
-    txt_path, csv_path = report.write_results_table(tmp_path, RESULTS)
-    assert (txt_path.name, csv_path.name) == ("results_table.txt", "results_table.csv")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == report.RESULT_FIELDS == (
-        "experiment", "final_loss", "final_perplexity", "overrides", "parameters", "device", "steps",
-        "tokens", "train_loss",
-        "train_perplexity", "val_loss", "val_perplexity", "wall_seconds", "tokens_per_second", "status")
-    ok, stopped, failed = rows
-    assert float(ok["train_loss"]) == 5.123456 and int(ok["parameters"]) == 13_326_976  # full precision
-    assert float(ok["final_loss"]) == 5.2 and float(stopped["final_perplexity"]) == 244.69
-    numeric = report.RESULT_FIELDS[1:3] + report.RESULT_FIELDS[6:14]
-    assert all(math.isfinite(float(ok[k])) for k in numeric)
-    assert stopped["overrides"] == "lr=0.001" and stopped["val_loss"] == stopped["val_perplexity"] == ""
-    assert stopped["status"] == "stopped at step 600"
-    assert all(failed[k] == "" for k in numeric) and failed["parameters"] == ""
-    assert failed["status"].startswith("failed: RuntimeError: out of memory while allocating xxx")
-    assert failed["status"].endswith("x" * 100)  # the CSV keeps the whole reason, on one line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results_table.csv", "results_table.txt"]
+def table_rows(out):
+    with open(out / "results_table.csv") as f:
+        return {r["experiment"]: r for r in csv.DictReader(f)}
 
 
-def test_results_txt_has_a_title_and_aligned_fixed_width_columns():
-    lines = report.results_txt(RESULTS).splitlines()
-    assert lines[0] == "MiniGPT experiment results"
-    header, rule, body = lines[1], lines[2], lines[3:]
-    assert set(rule) == {"-"} and len(body) == 3
+@pytest.mark.slow
+def test_run_writes_a_report_whose_numbers_are_the_runs(tmp_path, data_folder):  # noqa: F811
+    """Two experiments; baseline diverges (lr 1, weight decay 30, as in test_reliability)."""
+    out = tmp_path / "out"
+    r = run("--experiments", "baseline,lr_1e-3", "--devices", "1,2", "--max-steps", 8, "--data",
+            data_folder, "--out", out, *TINY, "--set", "lr=1", "--set", "weight_decay=30")
+    assert r.returncode == 1, r.stderr[-3000:]
+    text = (out / "report.md").read_text()
+    assert all(s in text for s in SECTIONS)
+    table = table_rows(out)
+    assert table["baseline"]["status"].startswith("failed: baseline: non-finite loss at step")
+    assert f"| baseline | {table['baseline']['status']} |" in text
+    row = table["lr_1e-3"]
+    with open(out / "metrics_lr_1e-3.csv") as f:
+        metrics = list(csv.DictReader(f))
+    assert row["steps"] == metrics[-1]["step"] == "8"
+    cells = [row["status"], f"{int(row['steps']):,}", f"{int(row['tokens']):,}",
+             f"{float(metrics[-1]['loss']):.4f}", f"{float(row['train_loss']):.4f}",
+             f"{float(row['train_perplexity']):,.2f}", f"{float(row['val_loss']):.4f}",
+             f"{float(row['val_perplexity']):,.2f}"]
+    assert "| lr_1e-3 | " + " | ".join(cells) + " |" in text
+    assert f"| {int(row['parameters']):,} |" in text  # the split's total
+    assert f"{float(row['wall_seconds']):,.1f}" in text and row["device"] == "cpu:2"
+    adamw = ("AdamW (betas 0.9, 0.999, eps 1e-8), learning rate {} (constant, no warmup),"
+             " weight decay 30")
+    assert f"`baseline`: {adamw.format(1)}" in text and f"`lr_1e-3`: {adamw.format(0.001)}" in text
+    for setting in ("seq_len 32", "n_heads 2", "batch_size 4", "seed 42", "eval_every 2"):
+        assert setting in text.split("Settings all experiments share:")[1].split("\n")[0], setting
+    for f in links(text):
+        assert (out / f).is_file(), f
+    want = {"loss_curves.png", "loss_curve_lr_1e-3.png", "perplexity_curve_lr_1e-3.png"}
+    assert want <= set(links(text))
+    assert "`baseline` did not finish: failed: baseline: non-finite loss" in text
 
-    def cells(line):  # cells are separated by two or more spaces
-        return [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", line)]
 
-    head = cells(header)
-    assert [c[2] for c in head] == [c[1] for c in report.RESULT_COLUMNS]
-    for line in body:
-        row = cells(line)
-        assert len(row) == len(head), line
-        for (h_start, h_end, _), (start, end, text), (_, _, kind) in zip(head, row, report.RESULT_COLUMNS):
-            if kind == "text":
-                assert start == h_start, (line, text)  # left-aligned under its header
-            else:
-                assert end == h_end, (line, text)  # right-aligned under its header
-    ok, stopped, failed = (dict(zip([c[2] for c in head], [c[2] for c in cells(x)])) for x in body)
-    assert ok["params"] == "13,326,976" and ok["smoothed loss"] == "5.1235" and ok["overrides"] == "-"
-    assert ok["final loss"] == "5.2000" and list(ok)[:3] == ["experiment", "final loss", "final ppl"]
-    assert stopped["val loss"] == stopped["val ppl"] == "-"
-    assert failed["final loss"] == failed["smoothed loss"] == failed["tokens/s"] == "-"
-    assert failed["status"].endswith("...") and len(failed["status"]) == report.TXT_TEXT_MAX
+@pytest.mark.slow
+def test_bad_arguments_write_no_report(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run("--out", out, "--set", "lr=fast")
+    assert r.returncode == 2 and not (out / "report.md").exists() and not list(out.iterdir())
 
 
-def test_unknown_result_key_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown result keys \['val_los'\]; valid: experiment"):
-        report.write_results_table(tmp_path, [{"experiment": "baseline", "val_los": 5.0}])
-    assert not list(tmp_path.iterdir())
+def test_data_statistics_keep_the_counts_not_the_segments():
+    from minigpt_jax import sources
+
+    rng = np.random.default_rng(0)
+    seqs = sources.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
+    a = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
+    results = [fake_result("a", a, [10.0]), fake_result("b", a.replace(lr=1e-3), [10.0]),
+               fake_result("c", a.replace(seq_len=64), [10.0])]
+    stats = report.data_statistics(seqs, results)
+    assert stats["a"] is stats["b"] and stats["a"] is not stats["c"]
+    for name, c in (("a", a), ("c", a.replace(seq_len=64))):
+        full = data.prepare(seqs, c)
+        assert stats[name].train.nbytes == stats[name].val.nbytes == 0
+        assert (len(stats[name].train), len(stats[name].val)) == (len(full.train), len(full.val))
+        assert (stats[name].label_tokens, stats[name].pad_share) == (full.label_tokens, full.pad_share)
 
 
-def test_infinite_values_render_instead_of_crashing(tmp_path):
-    results = [{"experiment": "diverged", "steps": 7, "train_loss": float("inf"),
-                "train_perplexity": float("inf"), "status": "failed: non-finite loss at step 7"}]
-    report.write_results_table(tmp_path, results)
-    assert "inf" in (tmp_path / "results_table.txt").read_text()
-    row = next(csv.DictReader(open(tmp_path / "results_table.csv")))
-    assert row["train_loss"] == "inf" and row["steps"] == "7"
+def test_ranking_says_within_noise_under_two_standard_errors():
+    tiny = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
+    a = fake_result("a", tiny, np.linspace(10.0, 6.0, 20), val=5.50)
+    b = fake_result("b", tiny, np.linspace(10.0, 6.0, 20), val=5.52)
+    c = fake_result("c", tiny, np.linspace(10.0, 6.0, 20), val=5.90)
+    for r in (a, b, c):
+        r.final_eval = evaluation.Evaluation(r.val_rows[-1]["val_loss"], 1.0, 5000, 100, 0.02)
+    rows = {r.name: tables.row(r) for r in (a, b, c)}
+    notes = " ".join(report.ranking([a, b, c], rows))
+    # a-b: 0.02 apart < 2 * hypot(0.02, 0.02) = 0.057: tied; b-c: 0.38 apart: ordered
+    assert "`a` ≈ `b` < `c`" in notes and "Within noise, so not ordered by this run: `a` and `b`" in notes
+    assert "over 5,000 held-out label tokens (100 segments), standard error 0.0200" in notes
+    assert "`b` and `c`" not in notes

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources, stack
+from minigpt_jax import checkpoint, data, loop, parallel, sources, tables, stack
 from minigpt_jax.config import Config
 
 # Float32 tolerance of a stacked variant against its separate run: a vmapped matmul is another
@@ -90,7 +90,7 @@ def test_each_variant_has_its_own_checkpoint_and_metrics(stacked):
         for x, y in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(r.state.params)):
             np.testing.assert_array_equal(x, y)
         assert (out / f"metrics_{r.name}.csv").is_file() and (out / f"metrics_{r.name}_val.csv").is_file()
-        assert r.table_row()["experiment"] == r.name and r.table_row()["overrides"] == r.overrides
+        assert tables.row(r)["experiment"] == r.name and tables.row(r)["overrides"] == r.overrides
 
 
 def test_the_stacked_step_compiles_once(stacked):
