@@ -63,17 +63,21 @@ def segment_table(lengths: np.ndarray, counts: np.ndarray, seq_len: int):
     return seq, start, np.minimum(seq_len, np.asarray(lengths, np.int64)[seq] - start)
 
 
-def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int) -> np.ndarray:
+def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int,
+           window: np.ndarray | None = None) -> np.ndarray:
     """Rows tokens[s:s + t], PAD-filled to seq_len -> (N, seq_len) int32.
 
-    Full rows (t == seq_len) come from one fancy index into a sliding-window
-    view (no index array of N x seq_len); the few shorter ones in blocks.
+    Rows come from one fancy index into a sliding-window view of the tokens
+    (no index array of N x seq_len; `window` passes one already made); the
+    few shorter ones are PAD-filled in blocks, and the last rows of the
+    tokens, which the window cannot start at, indexed directly.
     """
     n, total = len(starts), len(tokens)
     if n == 0:
         return np.zeros((0, seq_len), np.int32)
     if total >= seq_len:
-        window = np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
+        if window is None:
+            window = np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
         out = window[np.minimum(starts, total - seq_len)].astype(np.int32, copy=False)
     else:
         out = np.empty((n, seq_len), np.int32)
@@ -82,7 +86,12 @@ def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: i
     for a in range(0, len(part), _ROWS):
         p = part[a : a + _ROWS]
         valid = cols < takes[p, None]
-        out[p] = np.where(valid, tokens[np.where(valid, starts[p, None] + cols, 0)], PAD_TOKEN_ID)
+        rows = out[p]
+        late = starts[p] > total - seq_len  # the window starts them earlier: index the tokens
+        if late.any():
+            index = np.where(valid[late], starts[p[late], None] + cols, 0)
+            rows[late] = tokens[index]
+        out[p] = np.where(valid, rows, PAD_TOKEN_ID)
     return out
 
 
@@ -101,6 +110,8 @@ class Segments(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __init__(self, tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int):
         self.tokens, self.starts, self.takes, self.seq_len = tokens, starts, takes, seq_len
+        self._window = (np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
+                        if len(tokens) >= seq_len else None)  # made once: batches are small
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,7 +128,7 @@ class Segments(np.lib.mixins.NDArrayOperatorsMixin):
         rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if isinstance(rows, (int, np.integer)):
             return self[np.array([rows]), (*cols,)][0] if cols else self[np.array([rows])][0]
-        out = gather(self.tokens, self.starts[rows], self.takes[rows], self.seq_len)
+        out = gather(self.tokens, self.starts[rows], self.takes[rows], self.seq_len, self._window)
         return out[(slice(None), *cols)] if cols else out
 
     def __array__(self, dtype=None, copy=None):

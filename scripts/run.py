@@ -247,29 +247,12 @@ def check_out_dir(out: pathlib.Path) -> None:
                          " expected a writable folder") from None
 
 
-def is_text(path: pathlib.Path) -> bool:
-    """A .txt file, or a folder of .txt files without the PyTorch project's data files."""
-    from torch_compat.data import DATA_FILES
-
-    if path.is_dir():
-        return not any((path / name).is_file() for name in DATA_FILES) and any(path.rglob("*.txt"))
-    return path.suffix == ".txt"
-
-
 def load_sources(path: str | None, vocab_size: int, text_docs: str = "file"):
-    """The training data once, checked: a .pt file or data folder, .txt text, or the default corpus."""
+    """The training data once, checked (sources.load; .pt files through the token cache)."""
     from minigpt_jax import sources
-
-    if path is None:
-        return sources.default_corpus(vocab_size)
-    if is_text(pathlib.Path(path)):
-        from minigpt_jax import text_source
-
-        return sources.from_arrays(text_source.load_text(pathlib.Path(path), text_docs), f"{path} (text)",
-                                   "tokenized", vocab_size)
     from torch_compat.data import read_sequences
 
-    return read_sequences(path, vocab_size)
+    return sources.load(path, vocab_size, text_docs, read_pt=read_sequences)
 
 
 def wandb_writers(project: str | None):
