@@ -7,14 +7,17 @@
   segment is truncated or PAD-filled to seq_len. segmentation="chunks": every
   token, in consecutive seq_len chunks, the last one PAD-filled.
 - All of it is NumPy over the flat `sources.Sequences`: a table of segment
-  starts, then one gather through a sliding-window view; no Python loop per
-  sequence.
+  starts and lengths (`Segments`), no Python loop per sequence. The segments
+  are never copied out of the tokens (which may be the token cache's
+  memory-mapped uint16): a `Segments` behaves as an (N, seq_len) int32 array
+  whose rows are gathered through a sliding-window view when indexed, so a
+  run holds the tokens once, plus 16 bytes per segment.
 - The held-out split is by whole source sequence, before segmentation, so no
   validation segment shares a sequence with training. `prepare` is memoised
   by `prepare_key(config)`: experiments that agree on it share one copy.
 - The batch stream is a grain `MapDataset`: element b is batch b of the whole
   run (epochs consecutive, each with its own seeded permutation, its last
-  partial batch filled with all-PAD rows), built by one fancy-index gather; a
+  partial batch filled with all-PAD rows), built by one gather of its rows; a
   resumed run continues at exactly batch b, and every batch has one shape.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import mmap
 import threading
 from collections.abc import Sequence
 
@@ -59,18 +63,22 @@ def segment_table(lengths: np.ndarray, counts: np.ndarray, seq_len: int):
     return seq, start, np.minimum(seq_len, np.asarray(lengths, np.int64)[seq] - start)
 
 
-def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int) -> np.ndarray:
+def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int,
+           window: np.ndarray | None = None) -> np.ndarray:
     """Rows tokens[s:s + t], PAD-filled to seq_len -> (N, seq_len) int32.
 
-    Full rows (t == seq_len) come from one fancy index into a sliding-window
-    view (no index array of N x seq_len); the few shorter ones in blocks.
+    Rows come from one fancy index into a sliding-window view of the tokens
+    (no index array of N x seq_len; `window` passes one already made); the
+    few shorter ones are PAD-filled in blocks, and the last rows of the
+    tokens, which the window cannot start at, indexed directly.
     """
     n, total = len(starts), len(tokens)
     if n == 0:
         return np.zeros((0, seq_len), np.int32)
     if total >= seq_len:
-        window = np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
-        out = window[np.minimum(starts, total - seq_len)]
+        if window is None:
+            window = np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
+        out = window[np.minimum(starts, total - seq_len)].astype(np.int32, copy=False)
     else:
         out = np.empty((n, seq_len), np.int32)
     part = np.flatnonzero(takes < seq_len)
@@ -78,17 +86,83 @@ def gather(tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: i
     for a in range(0, len(part), _ROWS):
         p = part[a : a + _ROWS]
         valid = cols < takes[p, None]
-        out[p] = np.where(valid, tokens[np.where(valid, starts[p, None] + cols, 0)], PAD_TOKEN_ID)
+        rows = out[p]
+        late = starts[p] > total - seq_len  # the window starts them earlier: index the tokens
+        if late.any():
+            index = np.where(valid[late], starts[p[late], None] + cols, 0)
+            rows[late] = tokens[index]
+        out[p] = np.where(valid, rows, PAD_TOKEN_ID)
     return out
 
 
-def _count(segments: np.ndarray, cols: slice, pad: bool) -> int:
+class Segments(np.lib.mixins.NDArrayOperatorsMixin):
+    """(N, seq_len) int32 segments as a table into the flat tokens: row i is
+    tokens[starts[i]:starts[i] + takes[i]], PAD-filled to seq_len.
+
+    Indexing gathers the rows asked for (an ndarray: `segments[rows]`,
+    `segments[a:b]`, `segments[rows, cols]`); `np.asarray(segments)` gathers
+    all of them, for small data and tests. Pickled (to grain's worker
+    processes) with memory-mapped tokens by file name, not by copy.
+    """
+
+    dtype = np.dtype(np.int32)
+    ndim = 2
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, takes: np.ndarray, seq_len: int):
+        self.tokens, self.starts, self.takes, self.seq_len = tokens, starts, takes, seq_len
+        self._window = (np.lib.stride_tricks.sliding_window_view(tokens, seq_len)
+                        if len(tokens) >= seq_len else None)  # made once: batches are small
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.starts), self.seq_len)
+
+    @property
+    def size(self) -> int:
+        return len(self.starts) * self.seq_len
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, key):
+        rows, cols = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, (int, np.integer)):
+            return self[np.array([rows]), (*cols,)][0] if cols else self[np.array([rows])][0]
+        out = gather(self.tokens, self.starts[rows], self.takes[rows], self.seq_len, self._window)
+        return out[(slice(None), *cols)] if cols else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(np.asarray(x) if isinstance(x, Segments) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __reduce__(self):
+        t = self.tokens
+        if isinstance(t, np.memmap) and isinstance(t.base, mmap.mmap):  # a whole mapping
+            tokens = (_mapped, (t.filename, t.dtype.str, t.offset, len(t)))
+            return (_segments, (tokens, self.starts, self.takes, self.seq_len))
+        return (Segments, (t, self.starts, self.takes, self.seq_len))
+
+
+def _mapped(filename: str, dtype: str, offset: int, n: int) -> np.ndarray:
+    return np.memmap(filename, np.dtype(dtype), "r", offset=offset, shape=(n,))
+
+
+def _segments(tokens: tuple, starts, takes, seq_len: int) -> Segments:
+    """Unpickles a Segments over tokens mapped again from their file."""
+    return Segments(tokens[0](*tokens[1]), starts, takes, seq_len)
+
+
+def _count(segments, cols: slice, pad: bool) -> int:
     """PAD (pad=True) or non-PAD entries of segments[:, cols], counted in blocks."""
     hits = sum(
         int(np.count_nonzero(segments[a : a + _ROWS, cols] == PAD_TOKEN_ID))
         for a in range(0, len(segments), _ROWS)
     )
-    return hits if pad else segments[:, cols].size - hits
+    return hits if pad else len(segments) * len(range(segments.shape[1])[cols]) - hits
 
 
 # --- the held-out split and the prepared data --------------------------------------------
@@ -98,8 +172,8 @@ def _count(segments: np.ndarray, cols: slice, pad: bool) -> int:
 class Prepared:
     """Train and held-out segments of one source, with what a report says about them."""
 
-    train: np.ndarray  # (N, seq_len) int32 training segments, in source order
-    val: np.ndarray  # (M, seq_len) int32 held-out segments, from sequences training never sees
+    train: Segments  # (N, seq_len) int32 training segments, in source order
+    val: Segments  # (M, seq_len) int32 held-out segments, from sequences training never sees
     sequences: int  # source sequences read
     held_out: int  # of them held out whole for validation
     dropped_sequences: int  # sequences that give no segment (shorter than SEQ_MIN, or empty)
@@ -169,8 +243,8 @@ def _prepare(
     seq, start, take = segment_table(lengths, counts, seq_len)
     starts = sources.offsets[seq] + start
     to_val = held[seq]
-    train = gather(sources.tokens, starts[~to_val], take[~to_val], seq_len)
-    val = gather(sources.tokens, starts[to_val], take[to_val], seq_len)
+    train = Segments(sources.tokens, starts[~to_val], take[~to_val], seq_len)
+    val = Segments(sources.tokens, starts[to_val], take[to_val], seq_len)
     tails = 0  # cut sequences whose last < SEQ_MIN tokens, after the last segment, are dropped
     if segmentation == "pytorch":
         cut = (counts > 0) if sources.kind == "rows" else (lengths > SEQ_MAX)
@@ -206,9 +280,10 @@ class EpochBatches:
     """Batch b of the run -> (batch_size, seq_len) int32: one gather over the epoch's permutation.
 
     A plain object (not a closure) so grain can send it to worker processes.
+    segments: a Segments table, or any (N, seq_len) int32 array.
     """
 
-    def __init__(self, segments: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, segments, batch_size: int, seed: int):
         self.segments, self.batch_size, self.seed = segments, batch_size, seed
         self.per_epoch = steps_per_epoch(len(segments), batch_size)
 

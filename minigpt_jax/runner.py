@@ -138,31 +138,16 @@ def _pt_reader(path, vocab_size):
     return read_sequences(path, vocab_size)
 
 
-def is_text(path: pathlib.Path) -> bool:
-    """A .txt file, or a folder of .txt files without the PyTorch project's data files."""
-    if path.is_dir():
-        return not any((path / n).is_file() for n in ("tokenized_data.pt", "sample_dataset.pt")) \
-            and any(path.rglob("*.txt"))
-    return path.suffix == ".txt"
-
-
-def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file", read_pt: Callable | None = None):
-    """The training data once, checked for every vocabulary the experiments use."""
+def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file",
+              read_pt: Callable | None = None, cache: bool = True):
+    """The training data once (sources.load), checked for every vocabulary the experiments use."""
     from minigpt_jax import sources
 
     vocab_sizes = sorted(set(vocab_sizes))
     if text_docs not in ("file", "block"):
         raise RunError(f"--text-docs {text_docs!r}: expected file (one document per file) or block"
                        " (one per blank-line-separated block)")
-    if path is None:
-        seqs = sources.default_corpus(vocab_sizes[-1])
-    elif is_text(pathlib.Path(path)):
-        from minigpt_jax import text_source
-
-        seqs = sources.from_arrays(text_source.load_text(pathlib.Path(path), text_docs),
-                                   f"{path} (text)", "tokenized", vocab_sizes[-1])
-    else:
-        seqs = (read_pt or _pt_reader)(path, vocab_sizes[-1])
+    seqs = sources.load(path, vocab_sizes[-1], text_docs, read_pt or _pt_reader, cache)
     for vocab_size in vocab_sizes[:-1]:
         seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
     return seqs
@@ -203,6 +188,7 @@ def run(
     data_parallel: bool = False,
     concurrent: int = 1,
     text_docs: str = "file",
+    cache: bool = True,
     writers: Callable | None = None,
     read_pt: Callable | None = None,
     on_result: Callable | None = None,
@@ -215,7 +201,7 @@ def run(
 
     devices: indices into jax.devices(), the PyTorch project's --devices rule (default: all
     on the first device). concurrent: up to this many experiments at the same time on each
-    device. writers(experiment): extra metric writers (W&B). read_pt(path, vocab_size): the
+    device. cache: read a .pt source through the token cache (sources.py). writers(experiment): extra metric writers (W&B). read_pt(path, vocab_size): the
     .pt reader (default: torch_compat's, imported when a .pt is read). on_result(result):
     called as each experiment finishes, after its curves (exports). stop: set it to save
     and stop every experiment at its next block. gpu_index: host.restrict_gpus' index map.
@@ -238,7 +224,7 @@ def run(
     if notice and lead:
         tqdm.write(f"run.py: {notice}", file=sys.stderr)
     t = time.perf_counter()
-    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt)
+    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
     data_seconds = time.perf_counter() - t
     if lead:
         tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)

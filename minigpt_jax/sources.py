@@ -1,30 +1,45 @@
-"""Token sequences as one flat array, and the checks every source passes.
+"""Token sequences as one flat array, the checks every source passes, and `load`, which reads
+any source the command line takes.
 
-- `Sequences` holds n sequences as a flat int32 `tokens` array and int64
-  `offsets` (n + 1): sequence i is tokens[offsets[i]:offsets[i + 1]]. Hundreds
-  of thousands of sequences cost two arrays, not a Python object each, and
-  every later stage (checks, segmentation, split) is NumPy over them.
+- `Sequences` holds n sequences as a flat `tokens` array (int32, or uint16 as
+  the token cache maps it) and int64 `offsets` (n + 1): sequence i is
+  tokens[offsets[i]:offsets[i + 1]]. Hundreds of thousands of sequences cost
+  two arrays, not a Python object each, and every later stage (checks,
+  segmentation, split) is NumPy over them.
+- `fingerprint` is a content digest (sha256 over kind, offsets and the tokens
+  in their canonical dtype, `storage_dtype`): equal for the same sequences
+  however they were read (a .pt, its cache entry, a prepared folder, a copy on
+  another machine), different when any id, boundary or the kind differs.
 - `kind` says which segmentation case applies (SPEC, Data): "tokenized"
   sequences (tokenized_data.pt, the default corpus) of 32..128 tokens are kept
   whole; "rows" (sample_dataset.pt) are always cut into segments.
 - Checks are vectorised; a failure is a DataError, one line: "<source>: what
   was found; expected ...", naming the sequence, the position and the value.
 - Reading .pt files lives in torch_compat.data (torch_compat depends on this
-  package, never the reverse); `from_arrays` takes any list of 1-D arrays, and
-  `default_corpus` gives the embedded corpus this way.
+  package, never the reverse): `load` is handed its reader as `read_pt`, and
+  reads through the token cache (minigpt_jax.token_cache). `from_arrays` takes
+  any list of 1-D arrays, and `default_corpus` gives the embedded corpus this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import hashlib
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from minigpt_jax.config import VOCAB_SIZE
 
 KINDS = ("tokenized", "rows")
+TOKENIZED_DATA = "tokenized_data.pt"
+SAMPLE_DATASET = "sample_dataset.pt"
+DATA_FILES = (TOKENIZED_DATA, SAMPLE_DATASET)  # a folder's candidates, in order of preference
+PREPARED_FILE = "sequences.bin"  # what scripts/prepare_data.py writes into its folder
 _BLOCK = 1 << 24  # tokens per block where a check needs temporaries: bounds their memory
+_DIGEST_FORMAT = 1  # bump when what the fingerprint covers changes
 
 
 class DataError(ValueError):
@@ -35,16 +50,19 @@ class DataError(ValueError):
 class Sequences:
     """n token sequences: tokens[offsets[i]:offsets[i + 1]] is sequence i."""
 
-    tokens: np.ndarray  # (T,) int32 token ids, every sequence back to back
+    tokens: np.ndarray  # (T,) int32 or uint16 token ids, every sequence back to back
     offsets: np.ndarray  # (n + 1,) int64, offsets[0] == 0, offsets[-1] == T, non-decreasing
     kind: str  # "tokenized" (kept whole when 32..128 tokens) or "rows" (always cut)
     source: str  # where they came from, as errors and reports name it
+    fingerprint: str = ""  # content_digest(tokens, offsets, kind); computed when not given
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.tokens.dtype != np.int32 or self.tokens.ndim != 1:
-            raise ValueError(f"tokens: {self.tokens.dtype} {self.tokens.shape}; expected 1-D int32")
+        if self.tokens.dtype not in (np.int32, np.uint16) or self.tokens.ndim != 1:
+            raise ValueError(
+                f"tokens: {self.tokens.dtype} {self.tokens.shape}; expected 1-D int32 or uint16"
+            )
         if self.offsets.dtype != np.int64 or self.offsets.ndim != 1 or len(self.offsets) == 0:
             raise ValueError(
                 f"offsets: {self.offsets.dtype} {self.offsets.shape}; expected 1-D int64"
@@ -53,6 +71,9 @@ class Sequences:
             raise ValueError(
                 f"offsets run {self.offsets[0]}..{self.offsets[-1]}; expected 0..{len(self.tokens)}"
             )
+        if not self.fingerprint:  # frozen: set once, here
+            digest = content_digest(self.tokens, self.offsets, self.kind)
+            object.__setattr__(self, "fingerprint", digest)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -123,6 +144,38 @@ def check_dtype(arr: np.ndarray, source: str, i: int) -> None:
         raise DataError(f"{source}: sequence {i} has dtype {arr.dtype}; expected integer token ids")
 
 
+def storage_dtype(tokens: np.ndarray) -> np.dtype:
+    """uint16 when every id fits in it (GPT-2's do), else int32: the canonical form in which
+    tokens are cached, prepared and digested, so each is a function of the ids alone."""
+    if tokens.dtype == np.uint16 or len(tokens) == 0:
+        return np.dtype(np.uint16)
+    fits = int(tokens.min()) >= 0 and int(tokens.max()) < 1 << 16
+    return np.dtype(np.uint16 if fits else np.int32)
+
+
+def canonical_blocks(tokens: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The tokens as little-endian `dtype`, block by block (a copy only where the dtype differs)."""
+    for a in range(0, len(tokens), _BLOCK):
+        yield np.ascontiguousarray(tokens[a : a + _BLOCK], dtype.newbyteorder("<"))
+
+
+def content_digest(tokens: np.ndarray, offsets: np.ndarray, kind: str) -> str:
+    """sha256 over the kind, the offsets and the tokens in their canonical dtype.
+
+    Hashing runs at about memory speed with the CPU's SHA instructions
+    (BENCHMARKS.md): a full digest, not a sample, so a flipped bit anywhere is
+    seen, at a cost far below reading the .pt it stands for.
+    """
+    dtype = storage_dtype(tokens)
+    h = hashlib.sha256(
+        f"sequences v{_DIGEST_FORMAT}|{kind}|{dtype.name}|{len(offsets)}|{len(tokens)}|".encode()
+    )
+    h.update(np.ascontiguousarray(offsets, "<i8"))
+    for block in canonical_blocks(tokens, dtype):
+        h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def offsets_from_lengths(lengths) -> np.ndarray:
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -151,3 +204,77 @@ def default_corpus(vocab_size: int = VOCAB_SIZE) -> Sequences:
     from minigpt_jax import corpus
 
     return from_arrays(corpus.default_corpus(), "default corpus", "tokenized", vocab_size)
+
+
+# --- every source the command line takes ------------------------------------------------
+
+
+def find_data_file(folder: str | os.PathLike) -> pathlib.Path:
+    """The folder's tokenized_data.pt, else its sample_dataset.pt, else DataError."""
+    folder = pathlib.Path(folder)
+    for name in DATA_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(
+        f"{folder}: a folder with neither {TOKENIZED_DATA} nor {SAMPLE_DATASET};"
+        " expected one of them"
+    )
+
+
+def is_prepared(path: pathlib.Path) -> bool:
+    """A folder written by scripts/prepare_data.py, or the file in it."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return (path / PREPARED_FILE).is_file()
+    return path.name == PREPARED_FILE and path.is_file()
+
+
+def is_text(path: pathlib.Path) -> bool:
+    """A .txt file, or a folder of .txt files without the PyTorch project's data files (or a
+    prepared folder's file)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        names = (*DATA_FILES, PREPARED_FILE)
+        return not any((path / name).is_file() for name in names) and any(path.rglob("*.txt"))
+    return path.suffix == ".txt"
+
+
+PtReader = Callable[[pathlib.Path, int], Sequences]  # (file or data folder, vocab_size) -> checked
+
+
+def load(
+    path: str | os.PathLike | None,
+    vocab_size: int = VOCAB_SIZE,
+    text_docs: str = "file",
+    read_pt: PtReader | None = None,
+    cache: bool = True,
+) -> Sequences:
+    """The training data once, checked against vocab_size.
+
+    path: None for the default corpus; a prepared folder (scripts/prepare_data.py)
+    or its file, memory-mapped and verified, no torch needed; a .txt file or a
+    folder of them (text_docs: "file" or "block", see text_source; cached by
+    content); else a .pt file or data folder, read by `read_pt` (e.g.
+    torch_compat.data.read_sequences) through the token cache, or every time
+    with cache=False. DataError (one line) for anything unusable.
+    """
+    from minigpt_jax import token_cache
+
+    if path is None:
+        return default_corpus(vocab_size)
+    path = pathlib.Path(path)
+    if is_prepared(path):
+        return token_cache.read_prepared(path, vocab_size)
+    if is_text(path):
+        from minigpt_jax import text_source
+
+        docs = text_source.load_text(path, text_docs)
+        return from_arrays(docs, f"{path} (text)", "tokenized", vocab_size)
+    if read_pt is None:
+        raise DataError(
+            f"{path}: PyTorch .pt data; expected a reader for it (read_pt, e.g."
+            " torch_compat.data.read_sequences), or a folder from scripts/prepare_data.py"
+        )
+    if not cache:
+        return read_pt(path, vocab_size)
+    return token_cache.cached(path, vocab_size, read_pt)

@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         " each device (default: %(default)s: one after another; docs/gpus.md)")
     add("--data", metavar="PATH", help="tokenized_data.pt, sample_dataset.pt or a folder of one"
         " (needs torch), or .txt text, a file or a folder (default: the embedded corpus)")
+    add("--no-cache", action="store_true", help="read a .pt source without the token cache")
     add("--text-docs", default="file", metavar="file|block", help="with .txt data: a document per"
         " file, or per blank-line-separated block (default: %(default)s)")
     add("--out", default=str(REPO / "outcome"), help="output folder (default: outcome/)")
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
             names, data=args.data, out=out, devices=devices,
             overrides=overrides, sweeps=sweeps, max_steps=plan.max_steps, resume=args.resume,
             stack=args.stack, data_parallel=args.data_parallel, concurrent=concurrent,
-            text_docs=args.text_docs, writers=writers, stop=stop,
+            text_docs=args.text_docs, cache=not args.no_cache, writers=writers, stop=stop,
             on_result=lambda r: export_state_dict(out, r), gpu_index=restriction.index,
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]),
             override_text=", ".join(args.overrides))

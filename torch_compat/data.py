@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 
 from minigpt_jax.config import VOCAB_SIZE
-from minigpt_jax.sources import (
+from minigpt_jax.sources import (  # noqa: F401  (DATA_FILES and the names: kept importable here)
+    DATA_FILES,
+    SAMPLE_DATASET,
+    TOKENIZED_DATA,
     DataError,
     Sequences,
     check_nonempty,
     check_range,
+    find_data_file,
     offsets_from_lengths,
 )
 from torch_compat.pt_io import load_pt, require_torch
-
-TOKENIZED_DATA = "tokenized_data.pt"
-SAMPLE_DATASET = "sample_dataset.pt"
-DATA_FILES = (TOKENIZED_DATA, SAMPLE_DATASET)  # a folder's candidates, in order of preference
 
 TOKENIZED_FORMAT = "a list of 1-D integer tensors (tokenized_data.pt)"
 SAMPLE_FORMAT = (
@@ -205,18 +205,6 @@ def read_sample_dataset(path: str | os.PathLike, vocab_size: int = VOCAB_SIZE) -
     """A sample_dataset.pt (dicts with 'input_ids' 2-D) -> its rows as 1-D int32 arrays."""
     file = pathlib.Path(path)
     return _sample_dataset(load_pt(file, DataError), file, vocab_size).to_list()
-
-
-def find_data_file(folder: str | os.PathLike) -> pathlib.Path:
-    """The folder's tokenized_data.pt, else its sample_dataset.pt, else DataError."""
-    folder = pathlib.Path(folder)
-    for name in DATA_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(
-        f"{folder}: a folder with neither {TOKENIZED_DATA} nor {SAMPLE_DATASET};"
-        " expected one of them"
-    )
 
 
 def load_sequences(

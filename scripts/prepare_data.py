@@ -1,0 +1,71 @@
+"""Prepare training data once into a folder that run.py takes directly, without torch.
+
+Reads PATH (tokenized_data.pt, sample_dataset.pt, a folder holding one, or
+.txt text, as run.py --data takes them), checks every id, and writes
+OUT_DIR/sequences.bin: the offsets and the tokens as flat little-endian
+arrays (uint16 where every id fits) behind a small JSON header with their
+digest (docs/data.md, "The token cache and prepared data"). Then
+`run.py --data OUT_DIR` memory-maps it and starts at once; copy OUT_DIR to
+another machine as it is.
+
+Examples:
+  python scripts/prepare_data.py data/tokenized_data.pt prepared/
+  python scripts/prepare_data.py my_texts/ prepared_texts/ --text-docs block
+  python scripts/run.py --data prepared/
+
+Exit codes: 0 written; 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from minigpt_jax import config as cfg  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="PATH", help="the data, as run.py --data takes it")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write sequences.bin into")
+    p.add_argument("--vocab-size", type=int, default=cfg.VOCAB_SIZE,
+                   help="ids must be below this (default: GPT-2's %(default)s)")
+    p.add_argument("--text-docs", default="file", choices=("file", "block"),
+                   help="with .txt data: one document per file, or per blank-line-separated block"
+                        " (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from minigpt_jax import sources, token_cache
+    from torch_compat.data import read_sequences
+
+    try:
+        seqs = sources.load(args.path, args.vocab_size, args.text_docs, read_pt=read_sequences,
+                            cache=False)
+        file = token_cache.write_prepared(seqs, args.out_dir)
+    except (sources.DataError, ImportError) as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"prepare_data.py: error: {args.out_dir}: cannot write ({e.strerror or e});"
+              " expected a writable folder", file=sys.stderr)
+        return 2
+    print(f"prepare_data.py: {seqs.describe()} -> {file} ({sources.storage_dtype(seqs.tokens)} tokens,"
+          f" {seqs.fingerprint[:19]})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
