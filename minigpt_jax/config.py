@@ -52,8 +52,9 @@ class Config:
     max_epochs: int = 1  # passes over the training chunks
     seed: int = 42  # parameter init, shuffling, dropout and the held-out split
     val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
-    eval_every: int = 200  # steps between evaluations of the eval_batches sample (the whole held-out set at the end)
+    eval_every: int = 200  # steps between evaluations of the eval_batches sample
     eval_batches: int = 20  # held-out batches in the fixed, seeded sample evaluated every eval_every steps
+    eval_final_batches: int = 200  # held-out batches in the final evaluation's seeded sample; 0 = all
     ckpt_minutes: float = 10.0  # wall-clock minutes between checkpoints (always one at the end and on a stop)
     ckpt_every: int = 0  # also a checkpoint every this many steps; 0 = by the clock only
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
@@ -108,6 +109,8 @@ class Config:
             raise ConfigError(f"ckpt_every={self.ckpt_every}: must be >= 0 (0 = by the clock only)")
         if not self.ckpt_minutes > 0:  # also refuses NaN
             raise ConfigError(f"ckpt_minutes={self.ckpt_minutes}: must be > 0")
+        if self.eval_final_batches < 0:
+            raise ConfigError(f"eval_final_batches={self.eval_final_batches}: must be >= 0 (0 = every held-out batch)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
         if self.activation not in ACTIVATIONS:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping
 
 import jax
+import numpy as np
 
 
 def tune_host_allocator(platform: str) -> bool:
@@ -110,3 +111,45 @@ def restrict_gpus(
         return GpuRestriction(env, None)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, kept))
     return GpuRestriction(env, {i: n for n, i in enumerate(kept)})
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true in any process: every process must stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def init_distributed(coordinator: str | None, num_processes, process_id) -> None:
+    """jax.distributed.initialize from run.py's flags, before anything asks JAX for devices;
+    nothing when none is given; ValueError when only some are."""
+    given = [coordinator, num_processes, process_id]
+    if all(v is None for v in given):
+        return
+    if any(v is None for v in given):
+        raise ValueError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+    try:
+        n = int(num_processes)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"--num-processes {num_processes!r}: expected a positive integer")
+    try:
+        pid = int(process_id)
+    except ValueError:
+        raise ValueError(f"--process-id {process_id!r}: expected an integer in 0..{n - 1}") from None
+    if not 0 <= pid < n:
+        raise ValueError(f"--process-id {pid}: expected an integer in 0..{n - 1}")
+    # CPU devices need gloo for collectives across processes; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, n, pid)

@@ -1,24 +1,32 @@
-"""One experiment's training loop, built so that nothing around the step grows with the run.
+"""The one block driver: a single experiment, or a stack of V variants, trained so that nothing
+around the step grows with the run.
 
+- The driver trains V lanes, one experiment each, through a program: `Plain` (here) for
+  a single experiment, the un-vmapped step, so its numbers and the PyTorch parity are
+  the step's own; `stack.Stacked` for V variants of one shape in one vmapped program.
+  Everything else (data, blocks, metrics, evaluation, checkpoints, stop, failures,
+  progress) is this one code path for both.
 - Steps go in blocks. A block ends at the next multiple of BLOCK steps, of
-  eval_every, of ckpt_every (when set), or at the end: boundaries depend only
-  on the absolute step, so a resumed run replays the dispatches of one that
-  never stopped. On accelerators a block is one `train_steps` dispatch (a
-  short block is the same program with its tail steps masked); on the CPU, a
-  block is single steps, which keeps resume bit-exact from any step.
-- The host never waits on the step it just dispatched: block k+1 is built and
-  dispatched before block k's metrics are read. Only at an evaluation, a
-  checkpoint or a stop does the loop read the block it just ran.
+  eval_every, of ckpt_every (when set), at a lane's last step, or at the end:
+  boundaries depend only on the absolute step, so a resumed run replays the
+  dispatches of one that never stopped. On accelerators a block is one fused
+  dispatch (a short block is the same program with its tail steps masked); on the
+  CPU, single steps, which keeps resume bit-exact from any step.
+- The host never waits on the block it just dispatched: block k+1 is dispatched
+  before block k's metrics are read. Only at an evaluation, a checkpoint or a stop
+  does the driver read the block it just ran.
 - Evaluation every eval_every steps is a fixed, seeded sample of eval_batches
-  held-out batches, in one dispatch; the whole held-out set once at the end.
-- Checkpoints are asynchronous (checkpoint.Checkpointer), every ckpt_minutes
-  of wall time, every ckpt_every steps if set, at the end and on a stop. A
-  checkpoint is only taken of a state whose metrics were read and finite.
-- Metrics go through one seam (metrics.MultiWriter): the train CSV, the
-  validation CSV, JSONL and TensorBoard, each appended to, never rewritten.
-  `seconds` in a row is that step's own time: its block's wall time over its steps.
-- A failure (an exception, a non-finite loss, a failed save) ends only this
-  experiment, whose last checkpoint and metrics stay.
+  held-out batches; at a lane's end, at most eval_final_batches (evaluation.py).
+- Checkpoints are asynchronous (checkpoint.Checkpointer), every ckpt_minutes of
+  wall time, every ckpt_every steps if set, at a lane's end and on a stop; only of a
+  state whose metrics were read and finite. The stop and the clock are voted on
+  across processes, so every process stops and saves at the same step.
+- Metrics go through one seam (metrics.MultiWriter), appended to, never rewritten.
+  `seconds` in a row is that step's own time: its block's wall time over its steps;
+  `elapsed` is training time, without the first dispatch's compilation.
+- A failure ends only its lane: a non-finite loss (its rows before the bad step and
+  its last checkpoint stay; its state is not exported), a failed save (its state is
+  sound and still exported). Any other exception fails every lane still training.
 - Tokens are label tokens (non-PAD targets), so curves of experiments with
   different batch sizes share an x axis.
 """
@@ -32,16 +40,17 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from minigpt_jax import checkpoint, data, metrics, report
-from minigpt_jax.config import Config, num_params
+from minigpt_jax import checkpoint, data, evaluation, metrics
+from minigpt_jax.config import PAD_TOKEN_ID, Config
+from minigpt_jax.host import any_process, sync
 from minigpt_jax.placement import Placement
-from minigpt_jax.train import create_state, eval_steps, train_step, train_steps
+from minigpt_jax.train import create_state, train_step, train_steps
 
 BLOCK = 10  # steps per block: one fused dispatch on accelerators, one host read of metrics
 TRAIN_FIELDS = {"tokens": "train/tokens", "loss": "train/loss", "perplexity": "train/perplexity",
@@ -56,6 +65,7 @@ class Experiment:
     config: Config
     devices: tuple  # one device, or several for data parallelism
     overrides: str = ""  # human-readable overrides, for the results table
+    params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
 
     def __post_init__(self):
         if isinstance(self.devices, jax.Device):
@@ -82,6 +92,9 @@ class Result:
     overrides: str = ""
     state_devices: frozenset = frozenset()  # devices holding the final train state
     state: object = None  # the final TrainState (for exports and in-process callers)
+    final_eval: evaluation.Evaluation | None = None  # the end-of-run held-out evaluation
+    phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (compile, train, ...)
+    stacked: int = 1  # variants trained in one program with this one
 
     @property
     def steps(self) -> int:
@@ -91,111 +104,16 @@ class Result:
     def tokens(self) -> int:
         return int(self.rows[-1]["tokens"]) if self.rows else 0
 
-    def table_row(self) -> dict:
-        last = self.rows[-1] if self.rows else {}
-        val = self.val_rows[-1] if self.val_rows else {}
-        # the mean of the last smoothing window: the end of the plotted curve, not one noisy batch
-        loss = float(report.smooth([r["loss"] for r in self.rows])[-1]) if self.rows else None
-        with np.errstate(over="ignore"):
-            ppl = float(np.exp(loss)) if loss is not None else None
-        elapsed = last.get("elapsed")
-        row = {
-            "experiment": self.name,
-            "final_loss": last.get("loss"),  # the PyTorch project's column: the last step's loss
-            "final_perplexity": last.get("perplexity"),
-            "overrides": self.overrides,
-            "parameters": num_params(self.config),
-            "device": self.device,
-            "steps": self.steps,
-            "tokens": self.tokens,
-            "train_loss": loss,
-            "train_perplexity": ppl,
-            "val_loss": val.get("val_loss"),
-            "val_perplexity": val.get("val_perplexity"),
-            "wall_seconds": round(self.seconds, 2),
-            "tokens_per_second": round(self.tokens / elapsed, 1) if elapsed else None,
-            "status": self.status,
-        }
-        # A diverging run's losses overflow exp(); an infinite cell is left empty ("-"), as NaN is.
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def sync(name: str) -> None:
-    """A barrier across processes (nothing with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def any_process(flag: bool) -> bool:
-    """True if `flag` is true in any process: every process must stop at the same step."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+    @property
+    def final_loss(self) -> float | None:
+        """The last step's loss (the PyTorch project's final_loss)."""
+        return float(self.rows[-1]["loss"]) if self.rows else None
 
 
 def block_end(step: int, total: int, c: Config) -> int:
     """The end (exclusive) of the block of steps that starts at `step`."""
     every = [BLOCK, c.eval_every] + ([c.ckpt_every] if c.ckpt_every else [])
     return min([total] + [(step // e + 1) * e for e in every])
-
-
-def run_block(state, batches, n: int, rng, place: Placement, fuse: bool):
-    """Dispatch n training steps on the next n batches -> (state, device metrics of n steps).
-
-    Fused: one `train_steps` program of BLOCK steps whose steps past n are masked,
-    so a short block compiles nothing new. Nothing here waits for the device.
-    """
-    if fuse:
-        first = next(batches)
-        stacked_KBL = np.empty((BLOCK, *first.shape), first.dtype)
-        stacked_KBL[0] = first
-        for i in range(1, n):
-            stacked_KBL[i] = next(batches)
-        stacked_KBL[n:] = first  # masked steps: any valid batch
-        state, m = train_steps(state, place.put(stacked_KBL, place.stacked_rows), rng, np.int32(n))
-        return state, m
-    pending = []
-    for _ in range(n):
-        state, m = train_step(state, place.put_batch(next(batches)), rng)
-        pending.append(m)
-    return state, pending
-
-
-def host_rows(device_metrics, n: int) -> list[dict]:
-    """The first n steps' metrics as host dicts (waits for the device)."""
-    got = jax.device_get(device_metrics)
-    if isinstance(got, dict):  # fused: arrays of BLOCK
-        return [{k: v[i] for k, v in got.items()} for i in range(n)]
-    return got
-
-
-def evaluate(state, groups) -> tuple[float, float]:
-    """Mean loss over every label of the held-out batch groups -> (loss, perplexity)."""
-    loss_sum, n = 0.0, 0.0
-    for g in groups:
-        m = jax.device_get(eval_steps(state, g))
-        loss_sum, n = loss_sum + float(m["loss_sum"]), n + float(m["tokens"])
-    loss = loss_sum / max(n, 1.0)
-    with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
-        return loss, float(np.exp(loss))
-
-
-def eval_groups(batches: list[np.ndarray], place: Placement, size: int):
-    """Held-out batches stacked `size` at a time, all-PAD batches filling the last group
-    (they carry no label), so every group is one dispatch of one program. Lazy: the
-    whole held-out set is never on the device at once."""
-    for a in range(0, len(batches), size):
-        group = batches[a : a + size]
-        fill = [np.full_like(group[0], data.PAD_TOKEN_ID)] * (size - len(group))
-        yield place.put(np.stack(group + fill), place.stacked_rows)
 
 
 def metric_writer(out_dir: pathlib.Path, name: str, resume_step: int | None,
@@ -210,140 +128,362 @@ def metric_writer(out_dir: pathlib.Path, name: str, resume_step: int | None,
     ])
 
 
-def run_experiment(
-    exp: Experiment,
-    prepared: data.Prepared,
+def read_rows(out_dir: pathlib.Path, name: str) -> tuple[list[dict], list[dict]]:
+    """The experiment's metrics as written: train rows and validation rows."""
+    return (metrics.read_csv(pathlib.Path(out_dir) / f"metrics_{name}.csv"),
+            metrics.read_csv(pathlib.Path(out_dir) / f"metrics_{name}_val.csv"))
+
+
+class Plain:
+    """A single experiment's program: the plain jitted step on one placement (V = 1)."""
+
+    def __init__(self, place: Placement, fuse: bool):
+        self.place, self.fuse = place, fuse
+
+    def start(self, states: list, configs: list[Config]):
+        """The program's state and dropout keys from the lanes' own."""
+        return states[0], self.place.put(jax.random.PRNGKey(configs[0].seed + 1))
+
+    def dispatch(self, state, rng, batches_KVBL: np.ndarray, n: int, active_KV: np.ndarray):
+        """n steps on lane 0's batches -> (state, device metrics); nothing here waits. (Its
+        one lane is active in each of the n steps, and steps past n are masked.)"""
+        if self.fuse:
+            put = self.place.put(batches_KVBL[:, 0], self.place.stacked_rows)
+            return train_steps(state, put, rng, np.int32(n))
+        out = []
+        for i in range(n):
+            state, m = train_step(state, self.place.put_batch(batches_KVBL[i, 0]), rng)
+            out.append(m)
+        return state, out
+
+    def host(self, dev, n: int) -> dict:
+        """The device metrics of n steps as host arrays of shape (n, V) (waits)."""
+        got = jax.device_get(dev)
+        if isinstance(got, list):
+            return {k: np.stack([g[k] for g in got])[:, None] for k in got[0]}
+        return {k: np.asarray(v)[:n, None] for k, v in got.items()}
+
+    def lane(self, state, v: int):
+        return state
+
+    def for_saving(self, state) -> list:
+        return [state]  # the Checkpointer copies it to the host itself
+
+    def put(self, host_state):
+        return self.place.put(host_state)
+
+
+@dataclasses.dataclass
+class _Lane:
+    """One experiment's part of a driver run."""
+
+    exp: Experiment
+    prepared: data.Prepared
+    total: int
+    ckpt: checkpoint.Checkpointer
+    latest: int | None  # the step resumed from
+    batches: object = None  # iterator over the lane's batches
+    writer: metrics.Writer = None
+    sample: list = dataclasses.field(default_factory=list)  # periodic evaluation, on device
+    tokens: int = 0
+    status: str = "ok"
+    live: bool = True  # training: neither finished nor failed
+    exported: bool = True  # its state is sound (False after a non-finite loss)
+    kept: object = None  # host state of a lane whose save failed
+    final_eval: evaluation.Evaluation | None = None
+    phases: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.exp.name
+
+    def fail(self, reason: str, exported: bool) -> None:
+        self.status, self.live = f"failed: {reason}", False
+        self.exported = self.exported and exported
+
+
+def _open(experiments, preps, out_dir, max_steps, resume, place, lead) -> tuple[list, list, list]:
+    """The lanes, each restored from its checkpoint or freshly initialised -> (lanes, states,
+    progress records)."""
+    lanes, states, progress = [], [], []
+    try:
+        for e, p in zip(experiments, preps):
+            c = e.config
+            ds = data.batch_dataset(p.train, c.batch_size, c.seed, c.max_epochs)
+            total = len(ds) if max_steps is None else min(max_steps, len(ds))
+            ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(out_dir, e.name), c, not resume, lead)
+            sync(f"fresh {e.name}")
+            lane = _Lane(e, p, total, ckpt, ckpt.saved if resume else None)
+            lanes.append(lane)
+            if lane.latest is not None:
+                if lead:
+                    tqdm.write(f"{e.name}: resuming at step {lane.latest} from"
+                               f" {ckpt.directory / str(lane.latest)}", file=sys.stderr)
+                s, pr = ckpt.restore(lane.latest, place, total)
+            else:
+                init = place.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]
+                with jax.default_device(init):  # initialise where it will live
+                    s = place.put(create_state(c, params=e.params, total_steps=total))
+                pr = checkpoint.progress_record()
+            lane.batches = data.batch_iterator(ds, pr["next_batch"], c.num_workers)
+            lane.tokens = pr["tokens"]
+            states.append(s)
+            progress.append(pr)
+    except BaseException:
+        for lane in lanes:
+            lane.ckpt.close()
+        raise
+    return lanes, states, progress
+
+
+def common_step(names: Sequence[str], steps: Sequence[int], totals: Sequence[int]) -> int:
+    """The step the unfinished lanes resume from; they must agree."""
+    behind = {n: s for n, s, t in zip(names, steps, totals) if s < t}
+    if len(set(behind.values())) > 1:
+        at = ", ".join(f"{n} at step {s}" for n, s in behind.items())
+        raise ValueError(f"stacked resume needs the unfinished variants' checkpoints at one step ({at});"
+                         " resume them without --stack, or start afresh")
+    return next(iter(behind.values()), max(steps))
+
+
+class _Run:
+    """The driver's state between blocks: lanes, pending block, progress bar, clocks."""
+
+    def __init__(self, lanes, program, step, prior, position, lead, label):
+        self.lanes, self.program, self.lead = lanes, program, lead
+        self.V = len(lanes)
+        c = lanes[0].exp.config
+        self.pad_BL = np.full((c.batch_size, c.seq_len), PAD_TOKEN_ID, np.int32)
+        self.bar = tqdm(total=max(ln.total for ln in lanes), initial=step, desc=label, disable=not lead,
+                        position=position, unit="step", dynamic_ncols=True, leave=True)
+        self.t0 = time.perf_counter() - prior  # training time continues across resumes
+        self.last_read = time.perf_counter()
+        self.last_ckpt = time.monotonic()
+        self.compiled = False
+        self.position = position
+
+    def dispatch(self, state, rng, step: int, n: int):
+        """The next n steps, each live lane on its own next batch -> (state, pending block)."""
+        K = BLOCK if self.program.fuse else n
+        active = np.zeros((K, self.V), bool)
+        batches = np.empty((K, self.V, *self.pad_BL.shape), np.int32)
+        batches[:] = self.pad_BL  # inactive steps: any valid batch (all PAD: no labels)
+        for i in range(n):
+            for v, lane in enumerate(self.lanes):
+                if lane.live and step + i < lane.total:
+                    active[i, v] = True
+                    batches[i, v] = next(lane.batches)
+        t = time.perf_counter()
+        state, dev = self.program.dispatch(state, rng, batches, n, active)
+        if not self.compiled:  # tracing and compilation are synchronous; the run is not
+            self.compiled = True
+            seconds = time.perf_counter() - t
+            self.t0 += seconds
+            self.last_read += seconds
+            for lane in self.lanes:
+                lane.phases["compile"] = lane.phases.get("compile", 0.0) + seconds
+            if self.lead:
+                tqdm.write(f"{self.bar.desc}: step program traced and compiled in {seconds:.1f} s",
+                           file=sys.stderr)
+        return state, (step, n, active[:n], dev)
+
+    def drain(self, pending) -> None:
+        """Read a block's metrics; write each active lane's rows; fail a lane at its first
+        non-finite loss."""
+        first, n, active, dev = pending
+        got = self.program.host(dev, n)
+        now = time.perf_counter()
+        per_step, elapsed = (now - self.last_read) / n, now - self.t0
+        self.last_read = now
+        for v, lane in enumerate(self.lanes):
+            for i in (i for i in range(n) if active[i, v] and lane.live):
+                loss = float(got["loss"][i, v])
+                if not math.isfinite(loss):
+                    lane.fail(f"{lane.name}: non-finite loss at step {first + i + 1}", exported=False)
+                    break
+                lane.tokens += int(got["tokens"][i, v])
+                lane.writer.write_scalars(first + i + 1, {
+                    "train/tokens": lane.tokens, "train/loss": loss,
+                    "train/perplexity": got["perplexity"][i, v], "train/lr": got["lr"][i, v],
+                    "train/grad_norm": got["grad_norm"][i, v], "train/seconds": round(per_step, 6),
+                    "train/elapsed": round(elapsed, 4)})
+        losses = [float(got["loss"][n - 1, v]) for v, ln in enumerate(self.lanes)
+                  if ln.live and active[n - 1, v]]
+        if losses:
+            with np.errstate(over="ignore"):
+                ppl = float(np.exp(min(losses)))
+            tokens = sum(ln.tokens for ln in self.lanes)
+            self.bar.set_postfix(loss=f"{min(losses):.3f}", ppl=f"{ppl:.1f}",
+                                 tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        self.bar.update(first + n - self.bar.n)
+
+    def boundary(self, state, step: int, ending: list[bool], ckpt_due: bool, stopping: bool) -> None:
+        """At a block boundary whose metrics were read: evaluations, checkpoints, the end of
+        lanes, a stop."""
+        saving = None  # the lanes' states for saving, made once for all
+        for v, lane in enumerate(self.lanes):
+            if not (lane.live and step <= lane.total):
+                continue
+            c = lane.exp.config
+            if len(lane.prepared.val) and (ending[v] or step % c.eval_every == 0):
+                self.validate(lane, self.program.lane(state, v), step, ending[v])
+            if ckpt_due or ending[v]:
+                saving = self.program.for_saving(state) if saving is None else saving
+                lane.writer.flush()  # what a resume keeps of the metrics is on disk first
+                try:
+                    lane.ckpt.save(saving[v], checkpoint.progress_record(
+                        step, step, lane.tokens, time.perf_counter() - self.t0))
+                except checkpoint.SaveError as e:
+                    lane.fail(str(e), exported=True)
+                    lane.kept = jax.device_get(saving[v])
+            if ending[v] and lane.live:
+                lane.live = False  # finished: frozen from here on
+            elif stopping and lane.live:
+                lane.status = f"stopped at step {step}"
+        if ckpt_due:
+            self.last_ckpt = time.monotonic()
+
+    def validate(self, lane: _Lane, state, step: int, final: bool) -> None:
+        c = lane.exp.config
+        if final:
+            t = time.perf_counter()
+            batches = evaluation.final_batches(lane.prepared.val, c.eval_final_batches,
+                                               c.batch_size, c.seed)
+            e = evaluation.evaluate_batches(state, batches, self.program.place, c.eval_batches,
+                                            f"{lane.name}: final evaluation" if self.lead else None,
+                                            self.position)
+            lane.final_eval = e
+            lane.phases["final_eval"] = time.perf_counter() - t
+        else:
+            e = evaluation.evaluate(state, lane.sample)
+        lane.writer.write_scalars(step, {"val/tokens": lane.tokens, "val/loss": e.loss,
+                                         "val/perplexity": e.perplexity})
+
+    def close(self) -> None:
+        """Wait for the last saves and close the writers; their failures fail their lane."""
+        self.bar.close()
+        for lane in self.lanes:
+            # training time: the run's, less its compilation (already out of t0) and final evaluation
+            lane.phases["train"] = time.perf_counter() - self.t0 - lane.phases.get("final_eval", 0.0)
+            try:
+                lane.ckpt.close()
+            except checkpoint.SaveError as e:
+                if lane.status == "ok" or lane.status.startswith("stopped"):
+                    lane.status = f"failed: {e}"
+            try:
+                lane.writer.close()
+            except OSError as e:  # the metrics' own disk may be the one that is full
+                lane.status = lane.status if lane.status != "ok" else f"failed: writing metrics: {e}"
+
+
+def _loop(run: _Run, state, rng, step: int, stop: threading.Event | None):
+    """Blocks until every lane has finished or failed, or a stop -> the final state."""
+    lanes = run.lanes
+    c = lanes[0].exp.config  # the settings the lanes share (stack.stackable)
+    T = max(lane.total for lane in lanes)
+    pending = None
+    while step < T and any(lane.live for lane in lanes):
+        end = min([block_end(step, T, c)] + [lane.total for lane in lanes if lane.total > step])
+        state, block = run.dispatch(state, rng, step, end - step)
+        if pending is not None:
+            run.drain(pending)  # the previous block, while this one runs
+        pending, step = block, end
+        ending = [lane.live and step == lane.total for lane in lanes]
+        eval_due = step % c.eval_every == 0 or any(ending)
+        stopping = any_process(stop is not None and stop.is_set()) and step < T
+        clock = any_process(time.monotonic() - run.last_ckpt >= 60 * c.ckpt_minutes)
+        ckpt_due = bool(c.ckpt_every and step % c.ckpt_every == 0) or clock or stopping
+        if not (eval_due or ckpt_due):
+            continue
+        run.drain(pending)
+        pending = None
+        run.boundary(state, step, ending, ckpt_due, stopping)
+        if stopping:
+            break
+    return state
+
+
+def train(
+    experiments: list[Experiment],
+    prepared: Sequence[data.Prepared],
     out_dir: pathlib.Path,
     max_steps: int | None = None,
     resume: bool = False,
     position: int = 0,
     stop: threading.Event | None = None,
+    program: Callable | None = None,
     fuse: bool | None = None,
     writers: Callable | None = None,
-) -> Result:
-    """Train one experiment on its device(s); save checkpoints; return its metrics.
+) -> list[Result]:
+    """Train the experiments (one, or a stack that shares a device) -> their Results, in order.
 
-    fuse: run blocks as one `train_steps` dispatch (default: on accelerators,
-    where a step is short enough for dispatch to matter; on the CPU single
-    steps keep resume bit-exact from any step). writers(exp): extra metric
-    writers (W&B) beside the files.
+    program(placement, fuse): the program the lanes run (default `Plain`, one experiment).
+    fuse: fused blocks (default: on accelerators, where a step is short enough for dispatch
+    to matter; on the CPU single steps keep resume bit-exact from any step).
+    writers(experiment): extra metric writers (W&B) beside the files.
     """
-    c = exp.config
-    place = Placement(exp.devices)
-    if fuse is None:
-        fuse = place.devices[0].platform != "cpu"
+    place = Placement(experiments[0].devices)
+    fuse = place.devices[0].platform != "cpu" if fuse is None else fuse
+    prog = (program or Plain)(place, fuse)
     lead = jax.process_index() == 0  # only process 0 writes outputs; all write checkpoints
     out_dir = pathlib.Path(out_dir)
     start = time.perf_counter()
-    ds = data.batch_dataset(prepared.train, c.batch_size, c.seed, c.max_epochs)
-    total = len(ds) if max_steps is None else min(max_steps, len(ds))
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(out_dir, exp.name), c, not resume, lead)
-    sync(f"fresh {exp.name}")
-    latest = ckpt.saved if resume else None
-    if latest is not None:
-        if lead:
-            tqdm.write(f"{exp.name}: resuming at step {latest} from {ckpt.directory / str(latest)}",
-                       file=sys.stderr)
-        state, progress = ckpt.restore(latest, place, total)
-    else:
-        init_device = place.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]
-        with jax.default_device(init_device):  # initialise where it will live
-            state = place.put(create_state(c, total_steps=total))
-        progress = checkpoint.progress_record()
-    extra = writers(exp) if writers is not None and lead else []
-    writer = metric_writer(out_dir, exp.name, latest, extra) if lead else metrics.MultiWriter([])
-    rng = place.put(jax.random.PRNGKey(c.seed + 1))
-    sample = list(eval_groups(data.eval_sample(prepared.val, c.eval_batches, c.batch_size, c.seed),
-                              place, c.eval_batches)) if len(prepared.val) else []
-    step, tokens, prior = progress["step"], progress["tokens"], progress["seconds"]
-    status = "ok"
-    bar = tqdm(total=total, initial=step, desc=f"{exp.name} [{place.label}]", disable=not lead,
-               position=position, unit="step", dynamic_ncols=True, leave=True)
-    t0 = time.perf_counter() - prior  # elapsed training time continues across resumes
-    last_ckpt = time.monotonic()
-    last_read = time.perf_counter()
-    pending = None  # (first step, n, device metrics) of the block dispatched but not yet read
-
-    def drain() -> None:
-        """Read the pending block's metrics, write its rows; NonFiniteLoss if one is not finite."""
-        nonlocal pending, tokens, last_read
-        first, n, dev = pending
-        pending = None
-        host = host_rows(dev, n)
-        now = time.perf_counter()
-        per_step, elapsed = (now - last_read) / n, now - t0
-        last_read = now
-        bad = [i for i, m in enumerate(host) if not math.isfinite(float(m["loss"]))]
-        for i, m in enumerate(host[: bad[0] if bad else n]):
-            tokens += int(m["tokens"])
-            writer.write_scalars(first + i + 1, {
-                "train/tokens": tokens, "train/loss": m["loss"], "train/perplexity": m["perplexity"],
-                "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
-                "train/seconds": round(per_step, 6), "train/elapsed": round(elapsed, 4)})
-        if bad:
-            raise NonFiniteLoss(f"{exp.name}: non-finite loss at step {first + bad[0] + 1}")
-        bar.set_postfix(loss=f"{float(host[-1]['loss']):.3f}", ppl=f"{float(host[-1]['perplexity']):.1f}",
-                        tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-        bar.update(first + n - bar.n)
-
-    def validate(groups, at: int) -> None:
-        vl, vp = evaluate(state, groups)
-        writer.write_scalars(at, {"val/tokens": tokens, "val/loss": vl, "val/perplexity": vp})
-
-    batches = data.batch_iterator(ds, progress["next_batch"], c.num_workers)
+    lanes, states, progress = _open(experiments, prepared, out_dir, max_steps, resume, place, lead)
     try:
-        while step < total:
-            end = block_end(step, total, c)
-            state, dev = run_block(state, batches, end - step, rng, place, fuse)
-            if pending is not None:
-                drain()  # the previous block, while this one runs
-            pending = (step, end - step, dev)
-            step = end
-            eval_due = step % c.eval_every == 0 or step == total
-            stopping = any_process(stop is not None and stop.is_set()) and step < total
-            clock = any_process(time.monotonic() - last_ckpt >= 60 * c.ckpt_minutes)
-            ckpt_due = (c.ckpt_every and step % c.ckpt_every == 0) or clock or stopping or step == total
-            if not (eval_due or ckpt_due):
-                continue
-            drain()
-            if eval_due and len(prepared.val):  # val_fraction=0: nothing held out, nothing evaluated
-                full = step == total
-                groups = eval_groups(data.eval_batches(prepared.val, c.batch_size), place,
-                                     c.eval_batches) if full else sample
-                validate(groups, step)
-            if ckpt_due:
-                writer.flush()  # what a resume keeps of the metrics is on disk first
-                ckpt.save(state, checkpoint.progress_record(step, step, tokens, time.perf_counter() - t0))
-                last_ckpt = time.monotonic()
-            if stopping:
-                status = f"stopped at step {step}"
-                break
-        ckpt.close()
+        step = common_step([ln.name for ln in lanes], [p["step"] for p in progress],
+                           [ln.total for ln in lanes])
+    except ValueError:
+        for lane in lanes:
+            lane.ckpt.close()
+        raise
+    state, rng = prog.start(states, [e.config for e in experiments])
+    del states
+    for lane, p in zip(lanes, progress):
+        extra = writers(lane.exp) if writers is not None and lead else []
+        lane.writer = metric_writer(out_dir, lane.name, lane.latest, extra) if lead else metrics.MultiWriter([])
+        lane.live = p["step"] < lane.total
+        c = lane.exp.config
+        if len(lane.prepared.val):
+            lane.sample = list(evaluation.groups(
+                data.eval_sample(lane.prepared.val, c.eval_batches, c.batch_size, c.seed), place, c.eval_batches))
+    label = (f"{experiments[0].name} [{place.label}]" if len(lanes) == 1
+             else f"stack of {len(lanes)} [{place.label}]")
+    run = _Run(lanes, prog, step, max(p["seconds"] for p in progress), position, lead, label)
+    try:
+        state = _loop(run, state, rng, step, stop)
     except Exception as e:  # one experiment's failure must not end the others
+        traceback.print_exc()
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, (NonFiniteLoss, checkpoint.SaveError)):
-            traceback.print_exc()
-        status = f"failed: {reason}"
-        if not isinstance(e, checkpoint.SaveError):
-            state = None  # diverged or broken; after a failed save the state is sound and exported
-        try:
-            ckpt.close()  # a save in flight finishes; a second failure says nothing new
-        except checkpoint.SaveError:
-            pass
+        for lane in lanes:
+            if lane.live:
+                lane.fail(reason, exported=False)
+        state = None
     finally:
-        bar.close()
-        try:
-            writer.close()
-        except OSError as e:  # the metrics' own disk may be the one that is full
-            status = status if status != "ok" else f"failed: writing metrics: {e}"
-    rows, val_rows = (read_rows(out_dir, exp.name) if lead else ([], []))
-    devices = frozenset(d for leaf in jax.tree_util.tree_leaves(state) for d in leaf.devices()) \
-        if state is not None else frozenset()
-    return Result(exp.name, c, place.label, rows, val_rows, time.perf_counter() - start,
-                  status, exp.overrides, devices, state)
+        run.close()
+    return _results(lanes, prog, state, out_dir, lead, time.perf_counter() - start)
 
 
-def read_rows(out_dir: pathlib.Path, name: str) -> tuple[list[dict], list[dict]]:
-    """The experiment's metrics as written: train rows and validation rows."""
-    return (report.read_metrics(out_dir / f"metrics_{name}.csv"),
-            report.read_metrics(out_dir / f"metrics_{name}_val.csv"))
+def _results(lanes, prog, state, out_dir, lead, seconds) -> list[Result]:
+    results = []
+    for v, lane in enumerate(lanes):
+        if lane.kept is not None:
+            s = prog.put(lane.kept)  # a failed save: the state is sound
+        elif state is None or not lane.exported:
+            s = None  # diverged, or the run broke: not exported
+        else:
+            s = prog.lane(state, v)
+        devices = frozenset(d for leaf in jax.tree_util.tree_leaves(s) for d in leaf.devices()) \
+            if s is not None else frozenset()
+        rows, val_rows = read_rows(out_dir, lane.name) if lead else ([], [])
+        results.append(Result(lane.name, lane.exp.config, prog.place.label, rows, val_rows, seconds,
+                              lane.status, lane.exp.overrides, devices, s, lane.final_eval,
+                              lane.phases, len(lanes)))
+    return results
+
+
+def run_experiment(exp: Experiment, prepared: data.Prepared, out_dir: pathlib.Path,
+                   max_steps: int | None = None, resume: bool = False, position: int = 0,
+                   stop: threading.Event | None = None, fuse: bool | None = None,
+                   writers: Callable | None = None) -> Result:
+    """Train one experiment on its device(s): `train` of a stack of one, with the plain step."""
+    return train([exp], [prepared], out_dir, max_steps, resume, position, stop, None, fuse, writers)[0]

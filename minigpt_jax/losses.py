@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +41,7 @@ HEAD_CHUNK = (
 # Rows per chunk on accelerators: one (2048, 50257) float32 chunk is 412 MB, and larger
 # matmuls keep a GPU busy; unmeasured (no GPU was lent when it was chosen).
 ACCEL_HEAD_CHUNK = 2048
+EVAL_ROWS = 8  # rows of logits at a time in evaluation: (8, L, V) float32 stays small
 DATA_AXIS = "data"  # the mesh axis that splits batches by rows (placement.Placement)
 
 
@@ -268,3 +271,28 @@ def head_loss(
     else:
         ce_sum = _sharded_ce_sum(mesh)(h_BLD, kernel_DV, tokens_BL)
     return ce_sum / jnp.maximum(n_labels, 1.0), n_labels
+
+
+def row_losses(
+    h_BLD: jax.Array, kernel_DV: jax.Array, tokens_BL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per row, the summed cross entropy over its non-PAD labels and their count -> ((B,), (B,)).
+
+    For evaluation (no gradients), where the standard error needs each held-out
+    segment's own loss: the logits of EVAL_ROWS rows at a time, never the batch's.
+    """
+    B, L, D = h_BLD.shape
+    G = math.gcd(B, EVAL_ROWS)
+    labels_BL = tokens_BL[:, 1:]
+    weights_BL = (labels_BL != PAD_TOKEN_ID).astype(jnp.float32)
+
+    def rows(args):
+        h_GLD, labels_GL, weights_GL = args
+        logits = jnp.einsum("gld,dv->glv", h_GLD[:, :-1], kernel_DV.astype(h_GLD.dtype),
+                            preferred_element_type=jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels_GL)
+        return (ce * weights_GL).sum(-1)
+
+    ce_B = lax.map(rows, (h_BLD.reshape(B // G, G, L, D), labels_BL.reshape(B // G, G, L - 1),
+                          weights_BL.reshape(B // G, G, L - 1)))
+    return ce_B.reshape(B), weights_BL.sum(-1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pathlib
 import time
@@ -226,3 +227,14 @@ class WandbWriter(Writer):
 
     def close(self) -> None:
         self._run.finish()
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+    """A metrics CSV (CsvWriter's) as rows of numbers: step and tokens int, the rest float (an
+    empty cell is NaN); [] when the file does not exist."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("step", "tokens") else float(v) if v else math.nan)
+                 for k, v in row.items()} for row in csv.DictReader(f)]

@@ -13,13 +13,20 @@
   the others as usual.
 - writers(experiment) -> extra metric writers (e.g. W&B) beside the CSV,
   JSONL and TensorBoard ones.
+- concurrent=N: up to N threads per device, each taking the device's experiments
+  in turn, so up to N of them train on one device at the same time (users with
+  fewer GPUs than experiments). The default, 1, is one after another: on the CPU
+  the cores are already full (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import pathlib
 import threading
+import time
 from typing import Callable
+
+from tqdm.auto import tqdm
 
 from minigpt_jax import stack as stacking
 from minigpt_jax.loop import Experiment, Result, run_experiment
@@ -35,6 +42,7 @@ def run_all(
     on_result: Callable | None = None,
     stack: bool = False,
     writers: Callable | None = None,
+    concurrent: int = 1,
 ) -> list[Result]:
     """Run experiments, those on distinct devices at the same time; results in input order.
 
@@ -47,6 +55,7 @@ def run_all(
     by_device: dict[tuple, list[list[int]]] = {}
     for g in groups:
         by_device.setdefault(experiments[g[0]].devices, []).append(g)
+    queues = [gs[k::concurrent] for gs in by_device.values() for k in range(min(concurrent, len(gs)))]
 
     def failed(i: int, status: str) -> Result:
         e = experiments[i]
@@ -57,9 +66,14 @@ def run_all(
             if stop is not None and stop.is_set():
                 results.update({i: failed(i, "stopped before start") for i in g})
                 continue
+            segment = 0.0
             try:
                 exps = [experiments[i] for i in g]
+                t = time.perf_counter()
                 preps = [prepare(e.config) for e in exps]
+                segment = time.perf_counter() - t
+                if segment >= 0.5:  # a shared setting's second call is memoised: no line
+                    tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s")
                 if len(g) > 1:
                     got = stacking.run_stacked(exps, preps, out_dir, max_steps, resume, g[0], stop,
                                                extra_writers=writers)
@@ -70,6 +84,7 @@ def run_all(
                 reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
                 got = [failed(i, f"failed: {reason}") for i in g]
             for i, r in zip(g, got):
+                r.phases.setdefault("segment", segment)
                 if on_result is not None:
                     try:
                         on_result(r)
@@ -78,7 +93,7 @@ def run_all(
                 results[i] = r
 
     threads = [threading.Thread(target=worker, args=(gs,), name=f"minigpt-{n}", daemon=True)
-               for n, gs in enumerate(by_device.values())]
+               for n, gs in enumerate(queues)]
     for t in threads:
         t.start()
     for t in threads:

@@ -58,3 +58,50 @@ class Placement:
     def put_batch(self, batch: np.ndarray):
         """A (B, L) batch split by rows over the devices."""
         return self.put(batch, self.rows)
+
+
+# --- device lists: the PyTorch project's --devices rule ---------------------------------
+
+
+def device_indices(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; anything else is a UsageError (before JAX starts)."""
+    indices = []
+    for part in text.split(","):
+        try:
+            indices.append(int(part))
+        except ValueError:
+            raise ValueError(f"--devices {text!r}: {part.strip()!r} is not an integer;"
+                             " expected indices into jax.devices(), e.g. --devices 1,2,3") from None
+    return indices
+
+
+def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = False,
+                  index: dict[int, int] | None = None) -> tuple[list, str | None]:
+    """Per experiment, the tuple of devices it runs on; and a notice when some listed
+    indices do not exist (the PyTorch project's rule: those are left out; none left,
+    every available device is used; on a CPU-only machine that is the CPU).
+
+    index: the user's GPU index -> JAX's, when only the listed GPUs were made
+    visible (host.restrict_gpus); indices not in it do not exist.
+    """
+    devices = jax.devices()
+    if text is None:
+        return [tuple(devices) if data_parallel else (devices[0],)] * n_experiments, None
+    indices = device_indices(text)
+    exists = (lambda i: i in index) if index is not None else (lambda i: 0 <= i < len(devices))
+    jax_index = (lambda i: index[i]) if index is not None else (lambda i: i)
+    notice = None
+    kept = [i for i in indices if exists(i)]
+    if len(kept) < len(indices):
+        missing = [i for i in indices if i not in kept]
+        if not kept:
+            kept, jax_index = list(range(len(devices))), (lambda i: i)
+        notice = (f"--devices {text}: {len(devices)} {devices[0].platform} device(s) found, no index"
+                  f" {','.join(map(str, missing))}; using {','.join(map(str, kept))}")
+    devices = {i: devices[jax_index(i)] for i in kept}
+    indices = kept
+    if data_parallel:
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"--devices {text}: a device is listed twice; data parallelism needs distinct devices")
+        return [tuple(devices[i] for i in indices)] * n_experiments, notice
+    return [(devices[indices[i % len(indices)]],) for i in range(n_experiments)], notice

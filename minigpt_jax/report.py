@@ -1,361 +1,440 @@
-"""Writing results: per-step metrics CSVs, loss and perplexity plots, the results table.
+"""outcome/report.md: the seed report's four sections, filled from the run's own numbers.
 
-- Every file is written to a temporary name in the same folder and renamed, so a
-  reader (or a crash) never sees a half-written file; PNGs are rendered into
-  memory first.
-- Figures are `matplotlib.figure.Figure` drawn by the Agg canvas directly: no
-  pyplot, so no global figure registry to close, no backend chosen at import, no
-  display needed. Drawing (`*_figures`, testable) is apart from writing (`plot_*`).
-- Smoothing is a centred moving average over ~1/10 of the run: no lag, so a
-  falling loss is not drawn late, as an EMA would draw it. The window shrinks at
-  the steep start and is shifted inward at the flat end (see `smooth`).
-  Perplexity is smoothed as exp(mean log ppl), so one bad batch does not dominate.
-- The y range fits what follows the first 10% of each run (and every point
-  below it): the first steps of a language model sit near ln(50257) = 10.8 nats
-  and would squash the part worth reading. The cut is not hidden: a note above
-  the plot says where the curves start. Single-batch spikes (1% each side) may
-  leave the axes; smoothed lines and validation points never do after the head.
-- Perplexity is on a log axis (it is exp(loss): the loss axis relabelled). The
-  comparison plots put tokens seen on x, so runs with other batch sizes compare.
-- The results table: CSV with raw numbers (empty when missing) for machines,
-  TXT with fixed-width aligned columns ("-" when missing) for people.
+- 1 Model (the parameter tree as built, and each experiment's parameter count
+  split), 2 Data (the Prepared statistics), 3 Training setup and experiments
+  (settings all share, then what differs per experiment), 4 Results (the
+  results table, the plots, observations).
+- Pure: the page is a function of the Results, the Prepared data and a few
+  facts about the invocation (`report_text`); `write_report` writes it
+  atomically, with an HTML rendering beside it when markdown-it-py (which flax
+  already brings, through rich) is importable.
+- Every Result is one row whatever its name, so failed and stopped
+  experiments, sweeps and stacked variants appear without being named here.
+  The numbers in the tables are `tables.row(result)`, the same values as
+  results_table.csv.
+- Observations are computed, never written by hand: the validation-perplexity
+  ranking and margins, failures and stops, losses that ended above their
+  start, and the train loss of every experiment at the most tokens all of them
+  reached (the smoothed curve of the comparison plot, interpolated).
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import math
-import numbers
 import pathlib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from minigpt_jax.files import atomic_write_bytes
+from minigpt_jax import data, files, model, optim, plots, tables
+from minigpt_jax.config import Config, num_params
 
-FIGSIZE = (8.0, 5.0)  # inches
-DPI = 120  # 960 x 600 pixels
-HEAD_FRACTION = 0.1  # share of each run allowed above the y range
-
-# Results table: field (CSV header), TXT header, kind (sets format and alignment).
-# The first three are the PyTorch project's table (final = the last step's loss and its exp).
-RESULT_COLUMNS = (
-    ("experiment", "experiment", "text"),
-    ("final_loss", "final loss", "loss"),
-    ("final_perplexity", "final ppl", "ppl"),
-    ("overrides", "overrides", "text"),
-    ("parameters", "params", "int"),
-    ("device", "device", "text"),
-    ("steps", "steps", "int"),
-    ("tokens", "tokens", "int"),
-    ("train_loss", "smoothed loss", "loss"),
-    ("train_perplexity", "smoothed ppl", "ppl"),
-    ("val_loss", "val loss", "loss"),
-    ("val_perplexity", "val ppl", "ppl"),
-    ("wall_seconds", "wall s", "seconds"),
-    ("tokens_per_second", "tokens/s", "rate"),
-    ("status", "status", "text"),
-)
-RESULT_FIELDS = tuple(c[0] for c in RESULT_COLUMNS)
-TXT_TEXT_MAX = 60  # characters of a text cell in the TXT table (the CSV keeps all)
+FILE = "report.md"
+PHASES = ("data", "segment", "compile", "train", "final_eval", "outputs")  # Result.phases keys
+_BLOCK_ORDER = ("ln1", "attn.qkv", "attn.proj", "ln2", "ffn.fc1", "ffn.fc2")  # forward order
 
 
-def csv_text(rows: list[dict], fields: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+# --- formatting ----------------------------------------------------------------------------
+
+def _n(v) -> str:
+    return tables.number(v, ",d")
 
 
-def write_csv(path: pathlib.Path, rows: list[dict], fields: tuple[str, ...]) -> None:
-    atomic_write_bytes(path, csv_text(rows, fields).encode())
+_f = tables.number
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    """A metrics CSV (metrics.CsvWriter's) as rows of numbers: step and tokens int, the rest
-    float (an empty cell is NaN); [] when the file does not exist."""
-    path = pathlib.Path(path)
-    if not path.is_file():
+def _cell(v) -> str:
+    """A table cell: one line, pipes escaped."""
+    return " ".join(str(v).split()).replace("|", "\\|") or "-"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence], right: set[int] = frozenset()) -> str:
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    lines = [header, align, *[[_cell(c) for c in r] for r in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _link(file: str) -> str:
+    return urllib.parse.quote(file)
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+# --- 1 model ---------------------------------------------------------------------------------
+
+def parameter_shapes(c: Config) -> dict[str, dict[str, tuple]]:
+    """{module path: {parameter: shape}} of MiniGPT(c) as built (shapes only, nothing computed),
+    in forward order."""
+    tree = jax.eval_shape(lambda: model.init_params(c, jax.random.PRNGKey(0)))
+    modules: dict[str, dict[str, tuple]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [k.key for k in path]
+        modules.setdefault(".".join(keys[:-1]), {})[keys[-1]] = tuple(leaf.shape)
+
+    def rank(m: str):
+        top, _, rest = m.partition(".")
+        if top.startswith("layers_") and top[7:].isdigit():
+            inner = _BLOCK_ORDER.index(rest) if rest in _BLOCK_ORDER else len(_BLOCK_ORDER)
+            return (2, int(top[7:]), inner, rest)
+        return ({"embed": 0, "pos": 1, "ln_f": 3, "head": 4}.get(top, 5), 0, 0, m)
+
+    return {m: modules[m] for m in sorted(modules, key=rank)}
+
+
+def parameter_split(c: Config) -> dict[str, int]:
+    """Parameters by part: embedding (V x D), positional (seq_len x D), blocks, ln_f, head
+    (D x V); their sum is config.num_params."""
+    parts = {"embedding": 0, "positional": 0, "blocks": 0, "ln_f": 0, "head": 0}
+    for m, params in parameter_shapes(c).items():
+        top = m.partition(".")[0]
+        part = {"embed": "embedding", "pos": "positional", "ln_f": "ln_f", "head": "head"}.get(
+            top, "blocks")
+        parts[part] += sum(math.prod(s) for s in params.values())
+    return parts
+
+
+def _arch_key(c: Config) -> tuple:
+    return (c.vocab_size, c.seq_len, c.embed_dim, c.n_heads, c.n_layers, c.ffn_mult)
+
+
+def model_section(results) -> str:
+    archs: dict[tuple, list] = {}
+    for r in results:
+        archs.setdefault(_arch_key(r.config), []).append(r)
+    out = ["## 1. Model", "",
+           ("A decoder-only transformer: token embedding plus a learned positional table, pre-norm"
+            " blocks (`x + attn(ln1(x))`, `x + ffn(ln2(x))`) under a causal mask, a final LayerNorm"
+            " `ln_f` and an untied linear `head` to the vocabulary. Shapes as built by"
+            " `minigpt_jax.model`; Dense kernels are (in, out), the transpose of PyTorch's"
+            " weight."),
+            ""]
+    labels = [chr(ord("A") + i) if i < 26 else f"A{i}" for i in range(len(archs))]
+    for label, (key, rs) in zip(labels, archs.items()):
+        c = rs[0].config
+        out.append(f"- **{label}**: {_names([r.name for r in rs])}: D {c.embed_dim}, {c.n_heads}"
+                   f" heads of {c.head_dim}, {c.n_layers} layer{'s' * (c.n_layers != 1)},"
+                   f" FFN {c.ffn_dim}, vocabulary {c.vocab_size:,}, {c.seq_len} positions")
+    shapes = [parameter_shapes(rs[0].config) for rs in archs.values()]
+    modules: list[str] = []
+    for tree in shapes:  # module names with the layer index written i, in forward order
+        for m in tree:
+            top, dot, rest = m.partition(".")
+            name = f"layers_i{dot}{rest}" if top.startswith("layers_") else m
+            if name not in modules:
+                modules.append(name)
+    rows = []
+    for m in modules:
+        cells = []
+        for tree, rs in zip(shapes, archs.values()):
+            n = rs[0].config.n_layers if m.startswith("layers_i") else 1
+            p = tree.get(m.replace("layers_i", "layers_0"))
+            if p is None:
+                cells.append("-")
+                continue
+            count = sum(math.prod(v) for v in p.values())
+            text = ", ".join(f"{k} {v}" for k, v in p.items())
+            cells.append(f"{text} = {n} x {count:,}" if n > 1 else f"{text} = {count:,}")
+        rows.append([f"`{m}`", *cells])
+    out += ["", "Layer list (`layers_i` is each of the n_layers blocks, i = 0..n_layers-1):", "",
+            _table(["module", *labels], rows), ""]
+    split_rows = []
+    for r in results:
+        s = parameter_split(r.config)
+        split_rows.append([r.name, *(_n(v) for v in s.values()), _n(num_params(r.config))])
+    out += ["Parameters per experiment (`ln_f` on its own line: the final LayerNorm, 2 x D):", "",
+            _table(["experiment", "embedding", "positional", "blocks", "ln_f", "head", "total"],
+                   split_rows, right=set(range(1, 7))), ""]
+    return "\n".join(out)
+
+
+# --- 2 data ----------------------------------------------------------------------------------
+
+def data_section(results, prepared: Mapping[str, data.Prepared], source: str) -> str:
+    out = ["## 2. Data", "", f"Source: {source}.", ""]
+    groups: dict[int, list] = {}
+    for r in results:
+        if r.name in prepared:
+            groups.setdefault(id(prepared[r.name]), []).append(r)
+    for rs in groups.values():
+        p, c = prepared[rs[0].name], rs[0].config
+        if len(groups) > 1:
+            out += [(f"### {_names([r.name for r in rs])} (seq_len {c.seq_len}, segmentation"
+                     f" {c.segmentation}, val_fraction {c.val_fraction}, seed {c.seed})"), ""]
+        rule = ("sequences of 32..128 tokens kept whole, longer ones cut into seq_len segments,"
+                " shorter ones dropped" if c.segmentation == "pytorch"
+                else "every token, in consecutive seq_len chunks")
+        kept = len(p.train) + len(p.val)
+        out += [
+            f"- Sequences read: {p.sequences:,} ({p.tokens:,} tokens)",
+            (f"- Segmentation ({c.segmentation}: {rule}; each segment truncated or PAD-filled to"
+             f" {c.seq_len}): {kept:,} segments kept; {p.dropped_sequences:,} sequences dropped"
+             f" whole, {p.dropped_tails:,} tails dropped, {p.dropped_tokens:,} tokens in no"
+             " segment"),
+            (f"- Held-out split (val_fraction {c.val_fraction}, by whole source sequence):"
+             f" {p.held_out:,} sequences held out -> {len(p.val):,} validation and"
+             f" {len(p.train):,} training segments"),
+            (f"- Training labels (non-PAD targets): {p.label_tokens:,}; PAD share of the training"
+             f" segments: {100 * p.pad_share:.1f}%"),
+        ]
+        batch_sizes = sorted({r.config.batch_size for r in rs})
+        per = ", ".join(f"batch {b}: {data.steps_per_epoch(len(p.train), b):,}"
+                        for b in batch_sizes)
+        out += [f"- Steps per epoch: {per}", ""]
+    return "\n".join(out)
+
+
+# --- 3 training setup ------------------------------------------------------------------------
+
+_OPTIM_FIELDS = ("lr", "weight_decay", "decay_params", "lr_schedule", "warmup_steps",
+                 "min_lr_ratio", "grad_clip")
+
+
+def optimizer_text(c: Config) -> str:
+    sched = ("constant" if c.lr_schedule == "constant"
+             else f"cosine down to {c.min_lr_ratio} x lr")
+    warm = f", {c.warmup_steps} warmup steps" if c.warmup_steps else ", no warmup"
+    clip = f", gradients clipped to global norm {c.grad_clip}" if c.grad_clip else ", no clipping"
+    eps = f"{optim.EPS:.0e}".replace("e-0", "e-")
+    return (f"AdamW (betas {optim.B1}, {optim.B2}, eps {eps}), learning rate {c.lr:g}"
+            f" ({sched}{warm}), weight decay {c.weight_decay:g} on {c.decay_params} parameters"
+            + clip)
+
+
+def setup_section(results, run: Mapping[str, object]) -> str:
+    out = ["## 3. Training setup and experiments", ""]
+    opts: dict[str, list] = {}
+    for r in results:
+        opts.setdefault(optimizer_text(r.config), []).append(r.name)
+    if len(opts) == 1:
+        out.append(f"- Optimizer: {next(iter(opts))}")
+    else:
+        out += ["- Optimizer:"] + [f"  - {_names(n)}: {t}" for t, n in opts.items()]
+    configs = [r.config.to_dict() for r in results]
+    fields = list(configs[0]) if configs else []
+    common = [f for f in fields if all(c[f] == configs[0][f] for c in configs)]
+    differ = [f for f in fields if f not in common]
+    if common:
+        out.append("- Settings all experiments share: "
+                   + ", ".join(f"{f} {configs[0][f]}" for f in common if f not in _OPTIM_FIELDS))
+    out.append("- Loss: cross entropy over non-PAD labels, perplexity = exp(loss); validation"
+               " every eval_every steps on a fixed sample of eval_batches held-out batches, and"
+               " at the last step on a seeded sample of at most eval_final_batches batches (0:"
+               " every held-out segment), reported with its standard error over segments")
+    out += [f"- {k}: {v}" for k, v in run.items()]
+    rows = []
+    for r, c in zip(results, configs):
+        row = tables.row(r)
+        rows.append([r.name, row["overrides"] or "-", *(c[f] for f in differ), r.device,
+                     _n(row["steps"]), _n(row["tokens"]), _f(row["wall_seconds"], ",.1f"),
+                     _f(row["tokens_per_second"], ",.0f")])
+    header = ["experiment", "overrides", *differ, "device", "steps", "tokens", "wall s", "tokens/s"]
+    right = set(range(len(header) - 4, len(header)))
+    phases = [[r.name, *(_f(r.phases.get(k), ",.1f") for k in PHASES)] for r in results]
+    out += ["", ("Experiments (wall s: this invocation's time, training, evaluation and"
+                 " checkpoints; tokens/s: label tokens over the training time, resumes"
+                 " included):"), "",
+            _table(header, rows, right), "",
+            "Where the time went, per experiment (seconds; data and segmentation are shared by"
+            " the experiments that read the same data):", "",
+            _table(["experiment", *PHASES], phases, set(range(1, len(PHASES) + 1))), ""]
+    return "\n".join(out)
+
+
+# --- 4 results -------------------------------------------------------------------------------
+
+def loss_at_tokens(results) -> tuple[int, dict[str, float]] | None:
+    """(T, {name: smoothed train loss at T tokens}): T the most tokens every experiment with
+    finite losses reached; the smoothed curve is the comparison plot's, interpolated."""
+    curves = {}
+    for r in results:
+        tokens = np.array([row["tokens"] for row in r.rows], float)
+        sm = plots.smooth([row["loss"] for row in r.rows])
+        ok = np.isfinite(sm)
+        if ok.sum() >= 2:
+            curves[r.name] = (tokens[ok], sm[ok])
+    if len(curves) < 2:
+        return None
+    t = min(x[-1] for x, _ in curves.values())
+    return int(t), {n: float(np.interp(t, x, y)) for n, (x, y) in curves.items()}
+
+
+def _noise(a, b) -> float | None:
+    """Two standard errors of the difference of two final validation losses, or None."""
+    if a.final_eval is None or b.final_eval is None:
+        return None
+    se = math.hypot(a.final_eval.stderr, b.final_eval.stderr)
+    return 2 * se if math.isfinite(se) else None
+
+
+def ranking(results, rows: Mapping[str, dict]) -> list[str]:
+    """The validation ranking, which never orders two experiments whose losses differ by less
+    than about two standard errors without saying the difference is within noise."""
+    ranked = sorted((r for r in results if rows[r.name]["val_loss"] is not None),
+                    key=lambda r: rows[r.name]["val_loss"])
+    if not ranked:
         return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("step", "tokens") else float(v) if v else math.nan)
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+    best = ranked[0]
+    b = rows[best.name]
+    fe = best.final_eval
+    over = (f" over {fe.tokens:,} held-out label tokens ({fe.segments:,} segments), standard"
+            f" error {_f(fe.stderr, '.4f')}" if fe is not None else "")
+    notes = [f"`{best.name}` reached the lowest validation loss, {b['val_loss']:.4f}"
+             f" (perplexity {b['val_perplexity']:,.2f}){over}."]
+    order, tied = [f"`{best.name}`"], []
+    for prev, r in zip(ranked, ranked[1:]):
+        diff = rows[r.name]["val_loss"] - rows[prev.name]["val_loss"]
+        noise = _noise(prev, r)
+        within = noise is None or diff < noise
+        order.append(("≈ " if within else "< ") + f"`{r.name}`")
+        if within:
+            tied.append(f"`{prev.name}` and `{r.name}` ({diff:.4f} apart"
+                        + (f", under two standard errors, {noise:.4f})" if noise is not None
+                           else "; no standard error to test it against)"))
+    if len(ranked) > 1:
+        notes.append("Ranking by validation loss (≈: within noise): " + " ".join(order) + ".")
+    if tied:
+        notes.append("Within noise, so not ordered by this run: " + "; ".join(tied)
+                     + ". A larger held-out sample (eval_final_batches, val_fraction) would tell them apart.")
+    return notes
 
 
-# --- smoothing ---------------------------------------------------------------
-
-def default_window(n: int) -> int:
-    """Odd smoothing window of about a tenth of an n-step run (1 below 20 steps)."""
-    return 2 * (n // 20) + 1
-
-
-def smooth(values: Sequence[float], window: int | None = None) -> np.ndarray:
-    """Centred moving average over `window` steps (rounded up to odd; default ~n/10).
-
-    At the start the window shrinks symmetrically (step 0 is its own value): the
-    loss falls fastest there, and a window shifted inward would draw it too low.
-    At the end the window keeps its width and is shifted inward: the curve is
-    flat there, and the final value runs are compared by should be a full
-    average, not one noisy batch. Non-finite values (a diverged step) are left
-    out of every mean; a window with no finite value gives NaN.
-    """
-    y = np.asarray(values, dtype=np.float64)
-    n = len(y)
-    if n == 0:
-        return y.copy()
-    w = min(n, (default_window(n) if window is None else max(1, int(window))) | 1)
-    ok = np.isfinite(y)
-    total = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
-    count = np.concatenate([[0], np.cumsum(ok)])
-    i, h = np.arange(n), w // 2
-    lo = np.where(i < h, 0, np.minimum(i - h, n - w))
-    hi = np.where(i < h, 2 * i + 1, lo + w)
-    k = count[hi] - count[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(k > 0, (total[hi] - total[lo]) / k, np.nan)
-
-
-# --- plots -------------------------------------------------------------------
-
-_METRICS = (  # (file stem, train key, validation key, y label, log y)
-    ("loss", "loss", "val_loss", "loss (nats per token)", False),
-    ("perplexity", "perplexity", "val_perplexity", "perplexity (log scale)", True),
-)
-_VAL_MARKER = dict(ls="none", marker="o", ms=6, mec="black", mew=0.6, zorder=3)
-
-
-def _compact(v: float, _pos=None) -> str:
-    """Tick label for token counts: 0, 500k, 1.2M, 3B."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= scale:
-            return f"{v / scale:.3g}{suffix}"
-    return f"{v:.0f}"
-
-
-def _plain(v: float, _pos=None) -> str:
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-
-
-def _finite(a: np.ndarray) -> np.ndarray:
-    return a[np.isfinite(a)]
-
-
-def _series(rows, val_rows, key: str, vkey: str, log: bool, x_key: str, window=None):
-    """x, y, smoothed y, validation x, validation y; y in log space for a log axis."""
-    def column(table, k, as_y=False):
-        v = np.array([np.nan if r.get(k) is None else float(r[k]) for r in table])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.log(v) if as_y and log else v
-    y = column(rows, key, True)
-    return column(rows, x_key), y, smooth(y, window), column(val_rows, x_key), column(val_rows, vkey, True)
-
-
-def _head_end(x: np.ndarray) -> float:
-    """x up to which a run may rise above the y range (nowhere if too short to smooth)."""
-    return -math.inf if default_window(len(x)) == 1 else x[0] + HEAD_FRACTION * (x[-1] - x[0])
-
-
-def _new_axes(title: str, xlabel: str, ylabel: str, log: bool):
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title, loc="left", fontsize=12)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.grid(True, which="major", alpha=0.35)
-    if log:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0)))
-        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.2, 2.5, 4.0, 6.0, 7.0, 8.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(_plain))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.tick_params(axis="y", which="minor", labelsize=8)
-        ax.grid(True, which="minor", axis="y", alpha=0.15)
-    return fig, ax
-
-
-def _set_y(ax, log: bool, tops: list, lows: list, start: float, n_bad: int) -> None:
-    """y range over `tops` (upper end) and `lows` (lower end) plus 5%; note what it hides."""
-    top, low = _finite(np.concatenate(tops)), _finite(np.concatenate(lows))
-    lo = low.min() if low.size else 0.0
-    hi = max(top.max() if top.size else (low.max() if low.size else 1.0), lo)
-    pad = 0.05 * (hi - lo) if hi - lo > 1e-9 else 0.05 * max(abs(hi), 1.0)
-    lo, hi = lo - pad, hi + pad
-    ax.set_ylim(math.exp(lo) if log else lo, math.exp(hi) if log else hi)
-    if log and hi - lo < math.log(2.5):  # too narrow for the labelled majors alone
-        ax.yaxis.set_minor_formatter(FuncFormatter(_plain))
+def observations(results, stacked: bool = False) -> list[str]:
+    """Sentences computed from the numbers."""
+    rows = {r.name: tables.row(r) for r in results}
     notes = []
-    if start > hi:
-        notes.append(f"y axis cut: the curves start at {_plain(math.exp(start) if log else start)}")
-    if n_bad:
-        notes.append(f"{n_bad} non-finite steps not drawn")
-    ax.set_title("; ".join(notes), loc="right", fontsize=8, color="0.4")
+    notes += ranking(results, rows)
+    for r in results:
+        if r.status != "ok":
+            last = (f" after {r.steps:,} steps and {r.tokens:,} tokens" if r.rows
+                    else " before its first step")
+            notes.append(f"`{r.name}` did not finish: {r.status}{last}.")
+        sm = plots.smooth([row["loss"] for row in r.rows])
+        sm = sm[np.isfinite(sm)]
+        if len(sm) >= 2 and sm[-1] > sm[0]:
+            notes.append(f"`{r.name}` diverged: its smoothed train loss ended at"
+                         f" {_f(sm[-1], '.4f')}, above its start, {_f(sm[0], '.4f')}.")
+    equal = loss_at_tokens(results)
+    if equal:
+        t, losses = equal
+        order = sorted(losses, key=losses.get)
+        notes.append(f"At {t:,} tokens seen (the most every experiment reached), the smoothed"
+                     " train loss was " + ", ".join(f"`{n}` {_f(losses[n], '.4f')}" for n in order)
+                     + f": `{order[0]}` lowest, {_f(losses[order[-1]] - losses[order[0]], '.4f')}"
+                     f" below `{order[-1]}`.")
+    rates = sorted((row["tokens_per_second"], n) for n, row in rows.items()
+                   if row["tokens_per_second"])
+    # finished experiments only: a failed or stopped one's last evaluation predates its last step
+    gaps = [(row["val_loss"] - row["train_loss"], n) for n, row in rows.items()
+            if row["status"] == "ok" and None not in (row["val_loss"], row["train_loss"])]
+    if gaps:
+        notes.append("Validation minus smoothed train loss at the end (a large positive gap is"
+                     " over-fitting): "
+                     + ", ".join(f"`{n}` {g:+.4f}" for g, n in gaps) + ".")
+    if len(rates) >= 2:
+        devices = sorted({r.device for r in results})
+        how = (f"all on {devices[0]}, those that could stack trained together (--stack)"
+               if stacked and len(devices) == 1
+               else f"all on {devices[0]}, one after another" if len(devices) == 1
+               else f"on {len(devices)} devices, those on distinct devices at the same time,"
+               " sharing the host")
+        notes.append(f"Throughput ranged from {rates[0][0]:,.0f} tokens/s (`{rates[0][1]}`) to"
+                     f" {rates[-1][0]:,.0f} (`{rates[-1][1]}`); {how}.")
+    return notes or ["No experiment wrote a metric row: there is nothing to compare."]
 
 
-def experiment_figures(name: str, rows: Sequence[Mapping],
-                       val_rows: Sequence[Mapping] = ()) -> dict[str, Figure]:
-    """{file name: figure} of one experiment's loss and perplexity against step; {} if no rows.
-
-    rows: one per step, keys step, tokens, loss, perplexity (others ignored).
-    val_rows: keys step, tokens, val_loss, val_perplexity; may be empty.
-    """
-    if not rows:
-        return {}
-    window = default_window(len(rows))
-    rate = float(rows[-1]["tokens"]) / max(float(rows[-1]["step"]), 1.0)
-    figures = {}
-    for stem, key, vkey, ylabel, log in _METRICS:
-        steps, y, sm, vsteps, vy = _series(rows, val_rows, key, vkey, log, "step", window)
-        show = np.exp if log else np.asarray
-        fig, ax = _new_axes(f"{name}: {stem}", "step", ylabel, log)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
-        if window > 1:
-            ax.plot(steps, show(y), color="C0", lw=0.7, alpha=0.35, label=f"train {stem}, per step")
-            ax.plot(steps, show(sm), color="C0", lw=2.0,
-                    label=f"train {stem}, centred moving average ({window} steps)")
-        else:  # too few steps to smooth: the steps themselves are the main line
-            ax.plot(steps, show(y), color="C0", lw=2.0, marker=".", label=f"train {stem}, per step")
-        if len(val_rows):
-            ax.plot(vsteps, show(vy), color="C1", label=f"validation {stem}", **_VAL_MARKER)
-        if rate > 0:  # batches differ only in their few PAD labels, so tokens ~ rate * step
-            top = ax.secondary_xaxis("top", functions=(lambda s: s * rate, lambda t: t / rate))
-            top.set_xlabel("tokens seen")
-            top.xaxis.set_major_formatter(FuncFormatter(_compact))
-        ax.legend(loc="upper right")
-        late, vlate = steps > _head_end(steps), vsteps > _head_end(steps)
-        tail = _finite(y[late])
-        _set_y(ax, log, [sm[late], vy[vlate], np.percentile(tail, [99]) if tail.size else tail],
-               [sm, vy, np.percentile(_finite(y), [1]) if np.isfinite(y).any() else sm],
-               np.max(_finite(sm), initial=-np.inf), int(np.sum(~np.isfinite(y))))
-        figures[f"{stem}_curve_{name}.png"] = fig
-    return figures
+def results_section(out_dir: pathlib.Path, results, stacked: bool = False) -> str:
+    rows = []
+    for r in results:
+        row = tables.row(r)
+        rows.append([r.name, row["status"], _n(row["steps"]), _n(row["tokens"]),
+                     _f(row["final_loss"], ".4f"), _f(row["train_loss"], ".4f"),
+                     _f(row["train_perplexity"], ",.2f"), _f(row["val_loss"], ".4f"),
+                     _f(row["val_perplexity"], ",.2f")])
+    out = ["## 4. Results", "",
+           ("Final loss is the last step's; smoothed loss and perplexity are the mean of the last"
+            " smoothing window (the end of the plotted curve); validation is the last evaluation."
+            " The same numbers, unrounded, are in [results_table.csv](results_table.csv)."), "",
+           _table(["experiment", "status", "steps", "tokens", "final loss", "smoothed loss",
+                   "smoothed ppl", "val loss", "val ppl"], rows, right=set(range(2, 9))), "",
+           "### Observations", "", *[f"- {n}" for n in observations(results, stacked)], ""]
+    plots = [f for f in ("loss_curves.png", "perplexity_curves.png") if (out_dir / f).is_file()]
+    if plots:
+        out += ["### Comparison (x axis: label tokens seen)", ""]
+        out += [f"![{f[:-4].replace('_', ' ')}]({_link(f)})" for f in plots] + [""]
+    for r in results:
+        files = [f for f in (f"loss_curve_{r.name}.png", f"perplexity_curve_{r.name}.png")
+                 if (out_dir / f).is_file()]
+        out += [f"### {r.name}", ""]
+        if not files:
+            why = "the PNGs are missing" if r.rows else "no metric row was written"
+            out += [f"No curves: {why} ({r.status}).", ""]
+        out += [f"![{f[:-4]}]({_link(f)})" for f in files] + ([""] if files else [])
+    return "\n".join(out)
 
 
-def comparison_figures(curves: Mapping[str, tuple[Sequence[Mapping], Sequence[Mapping]]]
-                       ) -> dict[str, Figure]:
-    """{file name: figure} of every experiment's loss and perplexity against tokens seen.
+# --- the page --------------------------------------------------------------------------------
 
-    curves: experiment name -> (rows, val_rows), keys as in experiment_figures; the
-    order sets the colours. Experiments without rows are left out; {} if none has any.
-    """
-    curves = {n: c for n, c in curves.items() if len(c[0])}
-    figures = {}
-    for stem, key, vkey, ylabel, log in _METRICS if curves else ():
-        show = np.exp if log else np.asarray
-        fig, ax = _new_axes(f"{stem.capitalize()} of {len(curves)} experiments against tokens seen",
-                            "tokens seen", ylabel, log)
-        ax.xaxis.set_major_formatter(FuncFormatter(_compact))
-        tops, lows, start, bad = [], [], -np.inf, 0
-        for i, (name, (rows, val_rows)) in enumerate(curves.items()):
-            tokens, y, sm, vtokens, vy = _series(rows, val_rows, key, vkey, log, "tokens")
-            ax.plot(tokens, show(sm), color=f"C{i % 10}", lw=1.8, label=name)
-            if len(val_rows):
-                ax.plot(vtokens, show(vy), color=f"C{i % 10}", **_VAL_MARKER)
-            tops += [sm[tokens > _head_end(tokens)], vy[vtokens > _head_end(tokens)]]
-            lows += [sm, vy]
-            start = max(start, np.max(_finite(sm), initial=-np.inf))
-            bad += int(np.sum(~np.isfinite(y)))
-        ax.add_artist(ax.legend(loc="upper right", title="experiment", fontsize=9))
-        ax.legend(handles=[
-            Line2D([], [], color="0.3", lw=1.8, label="train, centred moving average (~1/10 run)"),
-            Line2D([], [], color="0.3", label="validation", **_VAL_MARKER),
-        ], loc="upper center", fontsize=8)
-        _set_y(ax, log, tops, lows, start, bad)
-        figures[f"{stem}_curves.png"] = fig
-    return figures
+def source_text(seqs) -> str:
+    """How the report names a `sources.Sequences`: where it came from and its format."""
+    fmt = {"rows": "padded rows, sample_dataset.pt format",
+           "tokenized": "token sequences, tokenized_data.pt format"}.get(seqs.kind, seqs.kind)
+    if seqs.source == "default corpus":
+        fmt = "Python's own docs, GPT-2 BPE, embedded"
+    return f"{seqs.source} ({fmt})"
 
 
-def write_figures(out_dir: pathlib.Path, figures: Mapping[str, Figure]) -> list[pathlib.Path]:
-    """Render each figure to PNG in memory with Agg, then write it atomically as out_dir/<file>."""
-    paths = []
-    for file_name, fig in figures.items():
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI)
-        paths.append(pathlib.Path(out_dir) / file_name)
-        atomic_write_bytes(paths[-1], buf.getvalue())
-    return paths
+def data_statistics(seqs, results) -> dict[str, data.Prepared]:
+    """Experiment name -> its data.Prepared with the segments dropped (only their count is
+    reported): a sweep over more data settings than `data.prepare` keeps does not hold every
+    copy of the segments at once."""
+    by_key: dict[tuple, data.Prepared] = {}
+    for r in results:
+        key = data.prepare_key(r.config)
+        if key not in by_key:
+            p = data.prepare(seqs, r.config)
+            by_key[key] = dataclasses.replace(p, train=np.empty((len(p.train), 0), np.int32),
+                                              val=np.empty((len(p.val), 0), np.int32))
+    return {r.name: by_key[data.prepare_key(r.config)] for r in results}
 
 
-def plot_experiment(out_dir: pathlib.Path, name: str, rows: Sequence[Mapping],
-                    val_rows: Sequence[Mapping] = ()) -> list[pathlib.Path]:
-    """Write loss_curve_<name>.png and perplexity_curve_<name>.png; [] when rows is empty."""
-    return write_figures(out_dir, experiment_figures(name, rows, val_rows))
+def report_text(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],
+                source: str, run: Mapping[str, object] | None = None) -> str:
+    """The page as Markdown; out_dir is only looked at for which plots exist."""
+    out_dir = pathlib.Path(out_dir)
+    ok = sum(r.status == "ok" for r in results)
+    head = [(f"# MiniGPT report: {len(results)} experiment{'s' * (len(results) != 1)},"
+             f" {ok} finished"), "",
+            ("Written by `scripts/run.py` from this run's numbers; the per-step values are in"
+             " `metrics_<name>.csv`, the results in `results_table.csv`."), ""]
+    return "\n".join(head + [model_section(results), data_section(results, prepared, source),
+                             setup_section(results, run or {}), results_section(out_dir, results, (run or {}).get("Stacked") == "yes")])
 
 
-def plot_comparison(out_dir: pathlib.Path,
-                    curves: Mapping[str, tuple[Sequence[Mapping], Sequence[Mapping]]]
-                    ) -> list[pathlib.Path]:
-    """Write loss_curves.png and perplexity_curves.png; [] when no experiment has rows."""
-    return write_figures(out_dir, comparison_figures(curves))
+def write_report(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],
+                 source: str, run: Mapping[str, object] | None = None) -> pathlib.Path:
+    """Write out_dir/report.md (and report.html where markdown-it-py is importable) atomically.
 
-
-# --- results table -----------------------------------------------------------
-
-def _missing(v) -> bool:
-    if isinstance(v, numbers.Real):
-        return math.isnan(v)
-    return v is None or (isinstance(v, str) and not v.strip())
-
-
-def _text(v) -> str:
-    if isinstance(v, Mapping):
-        v = " ".join(f"{k}={x}" for k, x in v.items())
-    return " ".join(str(v).split())  # one line: an exception message may hold newlines
-
-
-def _cell(v, kind: str, for_csv: bool) -> str:
-    if _missing(v):
-        return "" if for_csv else "-"
-    if kind == "text":
-        s = _text(v)
-        return s if for_csv or len(s) <= TXT_TEXT_MAX else s[:TXT_TEXT_MAX - 3] + "..."
-    if not math.isfinite(float(v)):  # a diverged run: say so rather than crash on int(inf)
-        return repr(float(v)) if for_csv else str(float(v))
-    if for_csv:
-        return str(int(v)) if kind == "int" else repr(float(v))
-    formats = {"int": "{:,}", "loss": "{:.4f}", "ppl": "{:,.2f}", "seconds": "{:,.1f}", "rate": "{:,.0f}"}
-    return formats[kind].format(int(v) if kind == "int" else float(v))
-
-
-def _complete(result: Mapping) -> dict:
-    unknown = set(result) - set(RESULT_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown result keys {sorted(unknown)}; valid: {', '.join(RESULT_FIELDS)}")
-    return {f: result.get(f) for f in RESULT_FIELDS}
-
-
-def results_txt(results: Sequence[Mapping], title: str = "MiniGPT experiment results") -> str:
-    """Fixed-width table: text left-aligned, numbers right-aligned, "-" where missing."""
-    rows = [_complete(r) for r in results]
-    table = [[h for _, h, _ in RESULT_COLUMNS]]
-    table += [[_cell(r[f], kind, for_csv=False) for f, _, kind in RESULT_COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(RESULT_COLUMNS))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if kind == "text" else c.rjust(w)
-                         for c, w, (_, _, kind) in zip(cells, widths, RESULT_COLUMNS)).rstrip()
-
-    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    return "\n".join([title, line(table[0]), rule, *map(line, table[1:])]) + "\n"
-
-
-def write_results_table(out_dir: pathlib.Path, results: Sequence[Mapping],
-                        title: str = "MiniGPT experiment results") -> list[pathlib.Path]:
-    """Write results_table.txt and results_table.csv; one result dict per experiment.
-
-    Keys are RESULT_FIELDS: unknown keys are an error (a misspelt key would
-    otherwise leave its column silently empty); missing, None or NaN values
-    render as "" in the CSV and "-" in the TXT.
+    results: loop.Result, one row each; prepared: experiment name -> its data.Prepared;
+    source: the data's name and format (`source_text`); run: facts about the invocation
+    (label -> value), listed in the training setup.
     """
     out_dir = pathlib.Path(out_dir)
-    rows = [_complete(r) for r in results]
-    csv_rows = [{f: _cell(r[f], kind, for_csv=True) for f, _, kind in RESULT_COLUMNS} for r in rows]
-    txt, csv_path = out_dir / "results_table.txt", out_dir / "results_table.csv"
-    atomic_write_bytes(txt, results_txt(results, title).encode())
-    write_csv(csv_path, csv_rows, RESULT_FIELDS)
-    return [txt, csv_path]
+    text = report_text(out_dir, results, prepared, source, run)
+    path = out_dir / FILE
+    files.atomic_write_bytes(path, text.encode())
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        return path
+    body = MarkdownIt("commonmark").enable("table").render(text)
+    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>MiniGPT report</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+            f"</head><body>\n{body}</body></html>\n")
+    files.atomic_write_bytes(path.with_suffix(".html"), page.encode())
+    return path

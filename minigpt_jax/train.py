@@ -29,7 +29,7 @@ from jax import lax
 
 from minigpt_jax import optim
 from minigpt_jax.config import Config
-from minigpt_jax.losses import head_loss, masked_lm_loss  # noqa: F401  (masked_lm_loss: re-exported)
+from minigpt_jax.losses import head_loss, masked_lm_loss, row_losses  # noqa: F401  (masked_lm_loss: re-exported)
 from minigpt_jax.model import MiniGPT, init_params
 
 
@@ -133,18 +133,18 @@ def train_steps(
 def _eval(state: TrainState, batch: jax.Array) -> dict:
     with matmul_precision(state):
         h_BLD = state.apply_fn({"params": state.params}, batch, train=False, hidden=True)
-        loss, n_labels = head_loss(h_BLD, state.params["head"]["kernel"], batch)
-    return {"loss_sum": loss * n_labels, "tokens": n_labels}
+        loss_B, labels_B = row_losses(h_BLD, state.params["head"]["kernel"], batch)
+    return {"loss_sum": loss_B, "tokens": labels_B}
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: jax.Array) -> dict:
-    """Summed loss and label count of a batch, without dropout."""
+    """Per row of a (B, L) batch, without dropout: summed loss and label count, each (B,)."""
     return _eval(state, batch)
 
 
 @jax.jit
 def eval_steps(state: TrainState, batches_KBL: jax.Array) -> dict:
-    """Summed loss and label count over (K, B, L) batches, in one dispatch."""
+    """eval_step over (K, B, L) batches in one dispatch -> arrays of (K, B)."""
     _, m = lax.scan(lambda c, b: (c, _eval(state, b)), None, batches_KBL)
-    return {k: v.sum() for k, v in m.items()}
+    return m

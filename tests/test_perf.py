@@ -1,4 +1,4 @@
-"""The fast paths compute what the plain ones do: eval through the fused head, K steps in one
+"""The fast paths compute what the plain ones do: eval per row, K steps in one
 dispatch, bf16, prefetch. The fused head itself is tested in test_losses.py.
 
 Speed itself is measured by scripts/bench.py (BENCHMARKS.md), never here.
@@ -17,8 +17,14 @@ def test_eval_step_equals_full_logits_loss(tiny):
     tokens = _tokens(tiny, seed=3)
     loss_ref, n_ref = _full_logits_loss(tiny, state.params, tokens)
     out = eval_step(state, tokens)
-    assert int(out["tokens"]) == int(n_ref)
-    np.testing.assert_allclose(float(out["loss_sum"]), float(loss_ref * n_ref), rtol=1e-6)
+    assert out["loss_sum"].shape == out["tokens"].shape == (tiny.batch_size,)  # one per row
+    assert int(out["tokens"].sum()) == int(n_ref)
+    np.testing.assert_allclose(float(out["loss_sum"].sum()), float(loss_ref * n_ref), rtol=1e-6)
+    # each row's own sum: the full-logits loss of that row alone
+    for b in range(tiny.batch_size):
+        loss_b, n_b = _full_logits_loss(tiny, state.params, tokens[b : b + 1])
+        assert int(out["tokens"][b]) == int(n_b)
+        np.testing.assert_allclose(float(out["loss_sum"][b]), float(loss_b * n_b), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_steps_equal_single_steps(tiny):

@@ -207,5 +207,5 @@ def test_what_cannot_run_as_one_stack_is_refused_before_anything_is_written(seqs
     assert not (tmp_path / "checkpoints").exists()
     # a resume whose variants' checkpoints are at different steps (one was resumed alone)
     with pytest.raises(ValueError, match=r"one step \(a at step 4, b at step 8\); resume them without --stack"):
-        stack._common_step(["a", "b", "c"], [4, 8, 10], [10, 10, 10])  # c finished: not asked
-    assert stack._common_step(["a", "b", "c"], [4, 4, 10], [10, 10, 10]) == 4
+        loop.common_step(["a", "b", "c"], [4, 8, 10], [10, 10, 10])  # c finished: not asked
+    assert loop.common_step(["a", "b", "c"], [4, 4, 10], [10, 10, 10]) == 4

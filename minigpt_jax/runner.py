@@ -1,0 +1,279 @@
+"""The run as a library call: what `scripts/run.py`'s flags say, from Python.
+
+    from minigpt_jax import runner
+    results = runner.run()                                  # the five experiments, into outcome/
+    results = runner.run(["baseline"], max_steps=20, overrides={"lr": 3e-4}, out="/tmp/try")
+
+`run` validates everything it can before any training (experiment names, overrides,
+sweeps, devices, the output folder, the data, schedules, resumable checkpoints) and
+raises the project's own errors, one line each: `RunError` (a usage error),
+config.ConfigError, sources.DataError, checkpoint.CheckpointError. Then it trains
+(parallel.run_all: experiments on distinct devices at the same time), and writes the
+per-experiment curves as each finishes and the comparison plots, results table and
+report.md at the end. It returns one loop.Result per experiment, in order.
+
+Process set-up that must come before JAX starts (which GPUs are visible,
+jax.distributed) is the caller's: scripts/run.py does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from minigpt_jax import config as cfg
+
+REPO_OUT = pathlib.Path(__file__).resolve().parents[1] / "outcome"
+
+
+class RunError(ValueError):
+    """A request that cannot run as given (a usage error); the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The experiments to run: name -> (config, override text), and the run's length."""
+
+    experiments: dict[str, tuple[cfg.Config, str]]
+    max_steps: int | None
+
+    @property
+    def configs(self) -> dict[str, cfg.Config]:
+        return {name: c for name, (c, _) in self.experiments.items()}
+
+
+def plan(experiments: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None,
+         sweeps: Sequence = (), max_steps: int | None = None, override_text: str = "") -> Plan:
+    """Everything that needs no JAX -> a Plan; RunError or ConfigError when it cannot run.
+
+    experiments: names from config.EXPERIMENTS (default: all five, or baseline with sweeps).
+    sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...])."""
+    names = list(experiments) if experiments is not None else (["baseline"] if sweeps else list(cfg.EXPERIMENTS))
+    if not names:
+        raise RunError("no experiment given; valid: " + ", ".join(cfg.EXPERIMENTS))
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RunError(f"experiments {', '.join(dupes)} given twice")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0):
+        raise RunError(f"max_steps={max_steps!r}: expected a positive integer")
+    return Plan(cfg.plan(names, dict(overrides or {}), override_text, list(sweeps)), max_steps)
+
+
+def experiment_names(only: str | None = None, experiments: str | None = None,
+                     sweeps: Sequence = ()) -> list[str] | None:
+    """run.py's --only NAME|all (the PyTorch project's flag) or --experiments A,B -> names;
+    None: the default (all five; baseline with sweeps)."""
+    if only is not None and experiments is not None:
+        raise RunError("--only and --experiments both given; expected one of them")
+    flag, text = ("--only", only) if only is not None else ("--experiments", experiments)
+    if text is None:
+        return None
+    if flag == "--only" and text.strip() == "all":
+        return list(cfg.EXPERIMENTS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise RunError(f"{flag} is empty; valid: all, " + ", ".join(cfg.EXPERIMENTS))
+    if flag == "--only" and len(names) > 1:
+        raise RunError(f"--only {only!r}: expected one experiment name or 'all'"
+                       " (use --experiments for a list)")
+    return names
+
+
+def positive_int(flag: str, text: str | None) -> int | None:
+    """A flag's positive integer (None stays None), or RunError."""
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise RunError(f"{flag} {text!r}: expected a positive integer") from None
+    if n <= 0:
+        raise RunError(f"{flag} {n}: must be a positive integer")
+    return n
+
+
+def wandb_writers(project: str | None) -> Callable | None:
+    """experiment -> [a W&B run named after it] (needs the wandb package), or None."""
+    if project is None:
+        return None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise RunError(f"--wandb {project}: the wandb package is not installed;"
+                       " expected pip install wandb, or no --wandb") from None
+    from minigpt_jax import metrics
+
+    return lambda e: [metrics.WandbWriter(project=project, name=e.name, config=e.config.to_dict())]
+
+
+def check_out_dir(out: pathlib.Path) -> None:
+    """The output folder, or the part of its path that exists, must take a new entry. Tried
+    for real, leaving nothing: root passes every permission check, yet /proc or a read-only
+    mount still refuse."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"--out {out}: {probe} is not a folder; expected a writable folder")
+    try:
+        tempfile.TemporaryDirectory(dir=probe, prefix=".run-py-write-test-").cleanup()
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create anything in {probe} ({e.strerror});"
+                       " expected a writable folder") from None
+
+
+def _pt_reader(path, vocab_size):
+    """The PyTorch .pt reader, looked up when a .pt file is read (torch is imported then)."""
+    from torch_compat.data import read_sequences
+
+    return read_sequences(path, vocab_size)
+
+
+def is_text(path: pathlib.Path) -> bool:
+    """A .txt file, or a folder of .txt files without the PyTorch project's data files."""
+    if path.is_dir():
+        return not any((path / n).is_file() for n in ("tokenized_data.pt", "sample_dataset.pt")) \
+            and any(path.rglob("*.txt"))
+    return path.suffix == ".txt"
+
+
+def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file", read_pt: Callable | None = None):
+    """The training data once, checked for every vocabulary the experiments use."""
+    from minigpt_jax import sources
+
+    vocab_sizes = sorted(set(vocab_sizes))
+    if text_docs not in ("file", "block"):
+        raise RunError(f"--text-docs {text_docs!r}: expected file (one document per file) or block"
+                       " (one per blank-line-separated block)")
+    if path is None:
+        seqs = sources.default_corpus(vocab_sizes[-1])
+    elif is_text(pathlib.Path(path)):
+        from minigpt_jax import text_source
+
+        seqs = sources.from_arrays(text_source.load_text(pathlib.Path(path), text_docs),
+                                   f"{path} (text)", "tokenized", vocab_sizes[-1])
+    else:
+        seqs = (read_pt or _pt_reader)(path, vocab_sizes[-1])
+    for vocab_size in vocab_sizes[:-1]:
+        seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
+    return seqs
+
+
+def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> None:
+    """What the data, devices and checkpoints decide, before any training."""
+    from minigpt_jax import checkpoint, data, optim
+
+    for name, c in plan_.configs.items():
+        if c.batch_size % len(device_lists[0]):
+            raise RunError(f"{name}: batch_size={c.batch_size} is not divisible by the"
+                           f" {len(device_lists[0])} data-parallel devices")
+        prepared = data.prepare(seqs, c)  # once per data setting, shared by those that agree
+        total = data.steps_per_epoch(len(prepared.train), c.batch_size) * c.max_epochs
+        try:
+            optim.lr_shape(c, min(total, plan_.max_steps or total))  # the schedule fits the run
+        except cfg.ConfigError as e:
+            raise RunError(f"{name}: {e}") from None
+    if resume:
+        try:
+            checkpoint.check_resumable(out, plan_.configs)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"--resume: {e}") from None
+
+
+def run(
+    experiments: Sequence[str] | None = None,
+    *,
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike = REPO_OUT,
+    devices: Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sweeps: Sequence = (),
+    max_steps: int | None = None,
+    resume: bool = False,
+    stack: bool = False,
+    data_parallel: bool = False,
+    concurrent: int = 1,
+    text_docs: str = "file",
+    writers: Callable | None = None,
+    read_pt: Callable | None = None,
+    on_result: Callable | None = None,
+    stop: threading.Event | None = None,
+    gpu_index: dict[int, int] | None = None,
+    command: str | None = None,
+    override_text: str = "",
+) -> list:
+    """Train the experiments and write their outputs under `out` -> one loop.Result each.
+
+    devices: indices into jax.devices(), the PyTorch project's --devices rule (default: all
+    on the first device). concurrent: up to this many experiments at the same time on each
+    device. writers(experiment): extra metric writers (W&B). read_pt(path, vocab_size): the
+    .pt reader (default: torch_compat's, imported when a .pt is read). on_result(result):
+    called as each experiment finishes, after its curves (exports). stop: set it to save
+    and stop every experiment at its next block. gpu_index: host.restrict_gpus' index map.
+    """
+    p = plan(experiments, overrides, sweeps, max_steps, override_text)
+    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
+        raise RunError(f"--concurrent {concurrent!r}: expected a positive integer")
+    out = pathlib.Path(out)
+    check_out_dir(out)
+    import jax
+
+    from minigpt_jax import loop, placement
+
+    lead = jax.process_index() == 0
+    try:
+        lists, notice = placement.parse_devices(None if devices is None else ",".join(map(str, devices)),
+                                                len(p.experiments), data_parallel, gpu_index)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if notice and lead:
+        tqdm.write(f"run.py: {notice}")
+    t = time.perf_counter()
+    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt)
+    data_seconds = time.perf_counter() - t
+    if lead:
+        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s")
+    _check(p, seqs, out, resume, lists)
+    exps = [loop.Experiment(name, c, devs, text) for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
+    return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
+                  data_seconds, command, lead)
+
+
+def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_result, stop,
+           data_seconds, command, lead) -> list:
+    from minigpt_jax import data, parallel, plots, report, tables
+
+    def finished(r) -> None:
+        """Curves, then the caller's exports, of an experiment as soon as it finishes."""
+        t = time.perf_counter()
+        r.phases["data"] = data_seconds
+        if lead and r.rows:
+            plots.plot_experiment(out, r.name, r.rows, r.val_rows)
+        if lead and on_result is not None:
+            on_result(r)
+        r.phases["outputs"] = time.perf_counter() - t
+
+    if lead:
+        tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}")
+    results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), out, max_steps, resume, stop,
+                               on_result=finished, stack=stack, writers=writers, concurrent=concurrent)
+    if lead:
+        t = time.perf_counter()
+        plots.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
+        tables.write_results_table(out, [tables.row(r) for r in results])
+        report.write_report(out, results, report.data_statistics(seqs, results), report.source_text(seqs),
+                            {"Command": f"`{command}`" if command else "runner.run from Python",
+                             "Resumed": "yes" if resume else "no", "Stacked": "yes" if stack else "no"})
+        for r in results:
+            r.phases["outputs"] = r.phases.get("outputs", 0.0) + time.perf_counter() - t
+            tqdm.write(f"  {r.name:<14} {r.status}; " + ", ".join(
+                f"{k} {r.phases[k]:.1f} s" for k in report.PHASES if k in r.phases))
+    return results
