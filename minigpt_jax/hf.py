@@ -360,6 +360,16 @@ def model_card(config: Config, card: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_card(name: str, rows: list[dict], val_rows: list[dict], **more: Any) -> dict[str, Any]:
+    """model_card's keys from a run's metrics rows (loop.Result.rows / val_rows, or
+    loop.read_rows): the last step's loss and the last validation; more: data, command, ..."""
+    card = {"name": name, "final_loss": rows[-1]["loss"] if rows else None,
+            "val_loss": val_rows[-1]["val_loss"] if val_rows else None}
+    if rows:
+        card["steps"] = int(rows[-1]["step"])
+    return {**card, **{k: v for k, v in more.items() if v is not None}}
+
+
 def _write_folder(folder: pathlib.Path, params: Mapping, config: Config, card: Mapping) -> None:
     from safetensors.numpy import save_file
 
