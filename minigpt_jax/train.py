@@ -48,8 +48,8 @@ class TrainState(train_state.TrainState):
     """Params, AdamW state and step; apply_fn and tx are static."""
 
 
-MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout", "dtype",
-                "matmul_precision")
+MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout",
+                "activation", "dtype", "matmul_precision")
 
 
 def model_config(config: Config) -> Config:

@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     try:
         torch_compat.require_torch("exporting a state dict")
         params, config, step = checkpoint.load_params(pathlib.Path(args.checkpoint))
-        path = torch_compat.save_state_dict(params, args.out)
-    except (checkpoint.CheckpointError, torch_compat.TorchMissingError, OSError) as e:
+        path = torch_compat.save_state_dict(params, args.out, config)
+    except (checkpoint.CheckpointError, torch_compat.StateDictError, torch_compat.TorchMissingError,
+            OSError) as e:
         print(f"export_state_dict.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}: step {step}, embed_dim {config.embed_dim}, n_layers {config.n_layers},"

@@ -14,17 +14,19 @@ from torch_compat.data import (
 from torch_compat.pt_io import TorchMissingError, require_torch
 from torch_compat.state_dict import (
     StateDictError,
+    check_exportable,
     config_from_state_dict,
     contract,
     from_state_dict,
     load_params,
     load_state_dict_file,
+    read_numpy_state_dict,
     save_state_dict,
     to_state_dict,
 )
 
 __all__ = [
-    "StateDictError", "TorchMissingError", "config_from_state_dict", "contract", "find_data_file",
-    "from_state_dict", "load_params", "load_sequences", "load_state_dict_file", "read_sample_dataset",
-    "read_tokenized_data", "require_torch", "save_state_dict", "to_state_dict",
+    "StateDictError", "TorchMissingError", "check_exportable", "config_from_state_dict", "contract",
+    "find_data_file", "from_state_dict", "load_params", "load_sequences", "load_state_dict_file", "read_sample_dataset",
+    "read_numpy_state_dict", "read_tokenized_data", "require_torch", "save_state_dict", "to_state_dict",
 ]

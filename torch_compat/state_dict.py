@@ -8,6 +8,9 @@
 - Accepted wrappings: keys prefixed `module.` (nn.DataParallel or DDP) or
   `_orig_mod.` (a torch.compile'd model), in any order, and a state dict
   inside `{"model": sd}` or `{"state_dict": sd}` (a training checkpoint).
+- The contract is the PyTorch project's model.py, whose GELU is exact: a
+  model with activation="gelu_tanh" (imported from GPT-2) is refused, never
+  written as a file their model would compute differently.
 - With no config, the shapes give vocab_size, seq_len (the positional table's
   rows), embed_dim, n_layers and ffn_mult; n_heads leaves no trace in the
   shapes and is an argument (default 4, the PyTorch project's).
@@ -104,9 +107,20 @@ def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
         raise StateDictError(f"{source} imply an unusable model: {e}") from None
 
 
-def to_state_dict(params: Mapping) -> "collections.OrderedDict[str, Any]":
-    """Flax params -> OrderedDict of float32 torch tensors with exactly the contract's keys and shapes."""
+def check_exportable(config: Config) -> None:
+    """StateDictError unless the users' model.py computes config's model (its GELU is exact)."""
+    if config.activation != "gelu":
+        raise StateDictError(f"activation={config.activation}: the PyTorch project's model.py has the"
+                             " exact (erf) GELU only; expected activation=gelu for a .pt export")
+
+
+def to_state_dict(params: Mapping, config: Config | None = None) -> "collections.OrderedDict[str, Any]":
+    """Flax params -> OrderedDict of float32 torch tensors with exactly the contract's keys and shapes.
+    config: the params' config where known, so that a model their model.py cannot compute is refused
+    (params do not record the activation)."""
     torch = require_torch("exporting a PyTorch state dict")
+    if config is not None:
+        check_exportable(config)
     flat = _flat_params(params)
     rows = contract(config_from_params(params, n_heads=1))  # heads leave no trace in shapes
     expected = {path for _, path, _ in rows}
@@ -215,12 +229,13 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
     return params, config
 
 
-def save_state_dict(params: Mapping, path: str | os.PathLike) -> pathlib.Path:
-    """Write to_state_dict(params) with torch.save, atomically (temporary name, then rename)."""
+def save_state_dict(params: Mapping, path: str | os.PathLike, config: Config | None = None) -> pathlib.Path:
+    """Write to_state_dict(params, config) with torch.save, atomically (temporary name, then rename)."""
     torch = require_torch("saving a PyTorch state dict")
     path = pathlib.Path(path)
+    sd = to_state_dict(params, config)  # refused before anything is written
     with atomic_path(path) as tmp:
-        torch.save(to_state_dict(params), tmp)
+        torch.save(sd, tmp)
     return path
 
 
@@ -237,3 +252,14 @@ def load_params(path: str | os.PathLike, config: Config | None = None, n_heads: 
         if str(e).startswith(str(path)):
             raise
         raise StateDictError(f"{path}: {e}") from None
+
+
+def read_numpy_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A .pt/.bin state dict (torch.load, weights_only) as {key: NumPy array}, for readers that
+    take NumPy (minigpt_jax.hf.load's read_bin: a Hugging Face pytorch_model.bin)."""
+    sd = unwrap(load_state_dict_file(path))
+    torch = require_torch(f"reading {path}")
+    bad = [str(k) for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise StateDictError(f"{path}: {bad[0]} is not a tensor; expected a state dict of tensors")
+    return {str(k): tensor_to_numpy(v) for k, v in sd.items()}
