@@ -39,7 +39,6 @@ import orbax.checkpoint as ocp
 from minigpt_jax.config import Config, ConfigError
 from minigpt_jax.train import TrainState, create_state
 
-
 PROGRESS_KEYS = ("step", "next_batch", "tokens", "seconds")
 
 

@@ -21,8 +21,8 @@ import sysconfig
 import numpy as np
 
 from minigpt_jax import tokenizer
-from minigpt_jax.files import atomic_path, cache_dir
 from minigpt_jax.config import SEQ_MIN
+from minigpt_jax.files import atomic_path, cache_dir
 
 DEFAULT_CORPUS_TOKENS = 98_304  # cap on the default corpus; sets the README run's time
 CORPUS_SEED = 0

@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence

@@ -211,6 +211,7 @@ class JaxContender:
     def __init__(self, name: str, c: cfg.Config, batches, block: int):
         import jax
         import numpy as np
+
         from minigpt_jax import train
         self.jax, self.train, self.name, self.block = jax, train, name, block
         self.state = train.create_state(c)
@@ -253,6 +254,7 @@ class TorchContender:
 
     def __init__(self, name: str, c: cfg.Config, batches, block: int, gpu: bool, jax_params):
         import torch
+
         from torch_compat import reference as ref
         from torch_compat import to_state_dict
         self.torch, self.ref, self.name, self.block = torch, ref, name, block
@@ -325,8 +327,9 @@ def bench_config(label: str, kind: str, c: cfg.Config, names: list[str], rounds:
                 jax_params = jax_params or contenders[name].init_params
             else:
                 if jax_params is None:
-                    from minigpt_jax.model import init_params
                     import jax
+
+                    from minigpt_jax.model import init_params
                     jax_params = init_params(c, jax.random.key(c.seed))
                 contenders[name] = TorchContender(name, c, batches, torch_block, gpu, jax_params)
             contenders[name].first_loss = contenders[name].run_block()[1]  # compiles; the first step's loss
@@ -405,6 +408,7 @@ def _pipeline_rate(datasets, seconds: float, num_threads: int | None = None) -> 
     import threading
 
     import grain
+
     from minigpt_jax import data
     counts = [0] * len(datasets)
     stop = time.perf_counter() + seconds

@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import numpy as np
-
     from bench import write_section
+
     from minigpt_jax import data, host, sources
 
     host.tune_host_allocator(jax.default_backend())

@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch_compat
-    from minigpt_jax import config as cfg, hf, models, runner
+    from minigpt_jax import config as cfg
+    from minigpt_jax import hf, models, runner
 
     try:
         if args.max_batches is not None and args.max_batches < 0:

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch_compat
-    from minigpt_jax import checkpoint, config as cfg, hf
+    from minigpt_jax import checkpoint, hf
+    from minigpt_jax import config as cfg
     from minigpt_jax.train import create_state
 
     out = pathlib.Path(args.checkpoint)

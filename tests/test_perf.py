@@ -7,9 +7,12 @@ Speed itself is measured by scripts/bench.py (BENCHMARKS.md), never here.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from test_losses import (  # one batch recipe for the head's and the step's tests
+    _full_logits_loss,
+    _tokens,
+)
 
 from minigpt_jax.train import create_state, device_prefetch, eval_step, train_step, train_steps
-from test_losses import _full_logits_loss, _tokens  # one batch recipe for the head's and the step's tests
 
 
 def test_eval_step_equals_full_logits_loss(tiny):

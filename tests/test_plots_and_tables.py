@@ -5,9 +5,9 @@ import math
 import re
 
 import matplotlib.image
-from matplotlib.legend import Legend
 import numpy as np
 import pytest
+from matplotlib.legend import Legend
 
 from minigpt_jax import plots, tables
 

@@ -13,7 +13,6 @@ import csv
 import importlib.util
 import os
 import pathlib
-import pickle
 import random
 import re
 import shutil

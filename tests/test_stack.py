@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources, tables, stack
+from minigpt_jax import checkpoint, data, loop, parallel, sources, stack, tables
 from minigpt_jax.config import Config
 
 # Float32 tolerance of a stacked variant against its separate run: a vmapped matmul is another

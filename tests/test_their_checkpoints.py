@@ -92,7 +92,7 @@ def test_import_then_resume_trains_on_from_their_weights(their_files, tmp_path):
                tmp_path / "tokenized_data.pt")
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}
     ckpt = tmp_path / "out" / "checkpoints" / "baseline"
-    sets = [a for a in TINY if a != "--set" and not a.split("=")[0] in ("embed_dim", "n_heads", "seq_len")]
+    sets = [a for a in TINY if a != "--set" and a.split("=")[0] not in ("embed_dim", "n_heads", "seq_len")]
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "import_state_dict.py"), str(files["module."]),
                         str(ckpt), "--n-heads", "2", *[x for s in sets for x in ("--set", s)]],
                        capture_output=True, text=True, env=env, timeout=600)

@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax.config import PAD_TOKEN_ID
 from minigpt_jax import train
+from minigpt_jax.config import PAD_TOKEN_ID
 from minigpt_jax.train import create_state, train_step
 
 
