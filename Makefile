@@ -1,5 +1,6 @@
 # make run: all five experiments on the default corpus, results in outcome/
-# make test: the whole test suite (on the CPU, whatever JAX finds)
+# make test: the whole test suite (on the CPU, whatever JAX finds); make test-fast: all but the
+# tests marked slow (subprocesses, multi-second runs); make lint: ruff over the tree
 # make test-gpu: the tests marked gpu, on the GPU (a machine with an NVIDIA GPU)
 # On a machine where `nvidia-smi -L` lists a GPU, the set-up installs jax[cuda12];
 # JAX_EXTRA=cuda13 (or cuda12) chooses the build, JAX_EXTRA=cpu forces the CPU-only one.
@@ -15,7 +16,7 @@ EXTRAS := test$(if $(filter-out cpu,$(JAX_EXTRA)),$(comma)$(JAX_EXTRA))
 # one stamp per build, so switching JAX_EXTRA reinstalls
 STAMP := $(VENV)/.installed-$(JAX_EXTRA)
 
-.PHONY: run test test-gpu clean
+.PHONY: run test test-fast lint test-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-gpu: $(STAMP)
 	MINIGPT_TEST_GPU=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ for path in (REPO, REPO / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from minigpt_jax import config as cfg
+from minigpt_jax import config as cfg  # noqa: E402  (after the path set-up)
 
 BLOCK = 10  # steps between metric reads (loop.BLOCK), and per fused dispatch
 

@@ -38,7 +38,15 @@ def _jax_gpus() -> list:
         return []
 
 
+# Modules whose tests start run.py as a subprocess or train several experiments: `slow`, so
+# `make test-fast` (-m "not slow") leaves them out. Single slow tests elsewhere carry the mark.
+SLOW_MODULES = {"test_reliability", "test_run", "test_sweeps", "test_parallel", "test_stack"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

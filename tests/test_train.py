@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from minigpt_jax import train
 from minigpt_jax.config import PAD_TOKEN_ID
@@ -71,3 +72,26 @@ def test_matmul_precision_is_a_config_choice_in_the_compiled_step(tiny):
 
     assert "HIGHEST" in lowered(tiny.replace(matmul_precision="float32"))
     assert "HIGHEST" not in lowered(tiny)
+
+
+def test_golden_baseline_step(float32_matmuls):
+    """One AdamW step of the baseline (SPEC's config, its init and dropout) on a fixed batch
+    whose last 16 positions are PAD. If a change is meant to move these numbers (the model,
+    the init, the loss, the optimizer), check it against PyTorch (tests/test_parity.py), then
+    update EXPECTED from this test's failure message."""
+    import jax
+
+    from minigpt_jax.config import PAD_TOKEN_ID, Config
+    from minigpt_jax.train import create_state, train_step
+
+    EXPECTED = {"loss": 10.997293472290039, "grad_norm": 0.32496315240859985, "tokens": 1504}
+    c = Config()
+    batch = np.random.default_rng(0).integers(0, c.vocab_size, (c.batch_size, c.seq_len), dtype=np.int32)
+    batch[:, 48:] = PAD_TOKEN_ID
+    _, m = train_step(create_state(c), batch, jax.random.PRNGKey(c.seed + 1))
+    got = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"])}
+    assert got["tokens"] == EXPECTED["tokens"], got
+    assert got["loss"] == pytest.approx(EXPECTED["loss"], rel=1e-5), (
+        f"baseline step changed: got {got}; if meant, set EXPECTED to it")
+    assert got["grad_norm"] == pytest.approx(EXPECTED["grad_norm"], rel=1e-4), (
+        f"baseline step changed: got {got}; if meant, set EXPECTED to it")
