@@ -42,9 +42,12 @@ from minigpt_jax.train import TrainState, create_state
 PROGRESS_KEYS = ("step", "next_batch", "tokens", "seconds")
 
 
-def progress_record(step: int = 0, next_batch: int = 0, tokens: int = 0, seconds: float = 0.0) -> dict:
-    """The progress item: where the data stream and the counters stand at `step`."""
-    return {"step": int(step), "next_batch": int(next_batch), "tokens": int(tokens), "seconds": float(seconds)}
+def progress_record(step: int = 0, next_batch: int = 0, tokens: int = 0, seconds: float = 0.0,
+                    data: str = "") -> dict:
+    """The progress item: where the data stream and the counters stand at `step`, and which
+    data they stand in (`data`: sources.Sequences.fingerprint; "" when unknown)."""
+    return {"step": int(step), "next_batch": int(next_batch), "tokens": int(tokens),
+            "seconds": float(seconds), "data": str(data)}
 
 
 class CheckpointError(ValueError):
@@ -274,7 +277,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=No
     return state, got["progress"]
 
 
-def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> None:
+def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> dict:
     """Read all of `step` (its state as host arrays: 0.3 s for the baseline on a 2-core CPU)
     and check it against `config`, or raise CheckpointError: a damaged checkpoint is
     refused before a resumed run starts, not discovered by it."""
@@ -298,6 +301,7 @@ def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> None:
     if not isinstance(progress, dict) or not set(PROGRESS_KEYS) <= set(progress) \
             or progress["step"] != saved_step or saved_step != step:
         raise CheckpointError(f"{where}: its progress item does not match its state at step {saved_step}")
+    return progress
 
 
 def locate(path: pathlib.Path) -> tuple[pathlib.Path, int]:
@@ -325,10 +329,12 @@ def load_params(path: pathlib.Path) -> tuple[dict, Config, int]:
     return state.params, config, step
 
 
-def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config]) -> None:
+def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config], data: str = "",
+                    source: str = "") -> None:
     """Before any training: each experiment's latest checkpoint, where there is one, must be
-    complete, readable in full and of the same config; CheckpointError (one line, with what
-    to do) if not."""
+    complete, readable in full, of the same config and trained on the same data (`data`:
+    the fingerprint of `source`; a checkpoint that records none is not checked for it);
+    CheckpointError (one line, with what to do) if not."""
     for name, c in configs.items():
         path = checkpoint_dir(out_dir, name)
         if not path.exists():
@@ -343,8 +349,7 @@ def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config]) -> None:
         try:
             saved = read_config(mngr, step)
             diffs = config_differences(saved, c)
-            if not diffs:
-                verify(mngr, step, c)
+            progress = verify(mngr, step, c) if not diffs else {}
         except CheckpointError as e:
             instead = f"resume from step {steps[-2]}" if len(steps) > 1 else f"start {name} afresh"
             raise CheckpointError(
@@ -356,3 +361,8 @@ def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config]) -> None:
                 f" ({'; '.join(diffs)} [saved vs now]); expected the same config: --set the saved"
                 " values, or run without --resume to start afresh"
             )
+        if data and progress.get("data") and progress["data"] != data:
+            raise CheckpointError(
+                f"checkpoint {path}/{step} was trained on other data (fingerprint"
+                f" {progress['data'][:12]}...) than {source or 'the data given'} ({data[:12]}...);"
+                " expected the same --data, or run without --resume to start afresh")

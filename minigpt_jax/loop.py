@@ -66,6 +66,7 @@ class Experiment:
     devices: tuple  # one device, or several for data parallelism
     overrides: str = ""  # human-readable overrides, for the results table
     params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
+    data_id: str = ""  # the data's fingerprint (sources.Sequences), recorded in checkpoints
 
     def __post_init__(self):
         if isinstance(self.devices, jax.Device):
@@ -332,7 +333,7 @@ class _Run:
                 lane.writer.flush()  # what a resume keeps of the metrics is on disk first
                 try:
                     lane.ckpt.save(saving[v], checkpoint.progress_record(
-                        step, step, lane.tokens, time.perf_counter() - self.t0))
+                        step, step, lane.tokens, time.perf_counter() - self.t0, lane.exp.data_id))
                 except checkpoint.SaveError as e:
                     lane.fail(str(e), exported=True)
                     lane.kept = jax.device_get(saving[v])

@@ -169,7 +169,7 @@ def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> 
             raise RunError(f"{name}: {e}") from None
     if resume:
         try:
-            checkpoint.check_resumable(out, plan_.configs)
+            checkpoint.check_resumable(out, plan_.configs, seqs.fingerprint, seqs.source)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"--resume: {e}") from None
 
@@ -229,7 +229,8 @@ def run(
     if lead:
         tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
     _check(p, seqs, out, resume, lists)
-    exps = [loop.Experiment(name, c, devs, text) for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
+    exps = [loop.Experiment(name, c, devs, text, data_id=seqs.fingerprint)
+            for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
     return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
                   data_seconds, command, lead)
 

@@ -262,3 +262,11 @@ def test_nothing_held_out_means_no_evaluation(tmp_path, seqs):
                             max_steps=4)
     assert r.status == "ok" and len(r.rows) == 4 and r.val_rows == []
     assert tables.row(r)["val_loss"] is None
+
+
+def test_resume_on_other_data_is_refused(tmp_path, prep):
+    e = loop.Experiment("baseline", small(), jax.devices()[0], data_id="a" * 64)
+    loop.run_experiment(e, prep, tmp_path, max_steps=2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"trained on other data.*other.pt"):
+        checkpoint.check_resumable(tmp_path, {"baseline": small()}, "b" * 64, "other.pt")
+    checkpoint.check_resumable(tmp_path, {"baseline": small()}, "a" * 64, "same.pt")  # same data
