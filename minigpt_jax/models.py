@@ -30,17 +30,23 @@ class ModelError(ValueError):
     """A checkpoint path that is none of the forms `load` reads."""
 
 
-def load(path: str | os.PathLike, *, read_pt: Callable[[pathlib.Path], tuple[dict, Config]] | None = None,
-         read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
-         seq_len: int | None = None) -> tuple[dict, Config, list[str]]:
+def load(
+    path: str | os.PathLike,
+    *,
+    read_pt: Callable[[pathlib.Path], tuple[dict, Config]] | None = None,
+    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+    seq_len: int | None = None,
+) -> tuple[dict, Config, list[str]]:
     """(params, config, notes) of an Orbax folder, a Hugging Face folder or a .pt file.
     seq_len: a Hugging Face model's positions to keep (default n_positions); elsewhere it
     is the positional table's rows and must not differ."""
     path = pathlib.Path(path)
     if path.is_file():
         if path.suffix != ".pt":
-            raise ModelError(f"{path}: a file, but not a .pt state dict; expected a .pt file, an"
-                             " Orbax checkpoint folder or a Hugging Face folder")
+            raise ModelError(
+                f"{path}: a file, but not a .pt state dict; expected a .pt file, an"
+                " Orbax checkpoint folder or a Hugging Face folder"
+            )
         if read_pt is None:
             raise ModelError(f"{path}: a PyTorch state dict, which needs torch_compat to read")
         params, config = read_pt(path)
@@ -55,8 +61,10 @@ def load(path: str | os.PathLike, *, read_pt: Callable[[pathlib.Path], tuple[dic
     else:
         raise ModelError(f"{path}: no such file or folder")
     if seq_len is not None and seq_len != config.seq_len:
-        raise ModelError(f"seq_len={seq_len}: {path} has {config.seq_len} positions (its"
-                         " positional table's rows); expected that value")
+        raise ModelError(
+            f"seq_len={seq_len}: {path} has {config.seq_len} positions (its"
+            " positional table's rows); expected that value"
+        )
     return params, config, notes
 
 
@@ -69,14 +77,23 @@ def segments(seqs: Sequences, config: Config, split: str = "val") -> np.ndarray:
     prepared = data.prepare(seqs, config)
     rows = prepared.val if split == "val" else np.concatenate([prepared.train, prepared.val])
     if len(rows) == 0:
-        raise DataError(f"{seqs.source}: nothing is held out at val_fraction={config.val_fraction}"
-                        f" ({prepared.sequences} sequences); expected split all, or a larger"
-                        " val_fraction")
+        raise DataError(
+            f"{seqs.source}: nothing is held out at val_fraction={config.val_fraction}"
+            f" ({prepared.sequences} sequences); expected split all, or a larger"
+            " val_fraction"
+        )
     return rows
 
 
-def evaluate(params, config: Config, seqs: Sequences, split: str = "val", max_batches: int | None = None,
-             desc: str | None = None, device=None) -> Any:
+def evaluate(
+    params,
+    config: Config,
+    seqs: Sequences,
+    split: str = "val",
+    max_batches: int | None = None,
+    desc: str | None = None,
+    device=None,
+) -> Any:
     """evaluation.Evaluation of params over `segments(seqs, config, split)`: at most max_batches
     (default config.eval_final_batches; 0 = every segment) batches of the final evaluation's
     seeded sample, on `device` (default the first); a progress bar when desc is given."""
@@ -91,5 +108,7 @@ def evaluate(params, config: Config, seqs: Sequences, split: str = "val", max_ba
         max_batches = config.eval_final_batches
     batches = evaluation.final_batches(rows, max_batches, config.batch_size, config.seed)
     place = Placement([device or jax.devices()[0]])
-    state = place.put(create_state(config.replace(lr_schedule="constant"), params))  # no schedule needed
+    state = place.put(
+        create_state(config.replace(lr_schedule="constant"), params)
+    )  # no schedule needed
     return evaluation.evaluate_batches(state, batches, place, config.eval_batches, desc)

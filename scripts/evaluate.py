@@ -10,7 +10,7 @@ loss. .pt files and Hugging Face folders use the default config's training field
 
 Examples:
   python scripts/evaluate.py --checkpoint outcome/checkpoints/baseline
-  python scripts/evaluate.py --checkpoint outcome/mini_gpt_baseline.pt --data data/ --split all --json
+  python scripts/evaluate.py --checkpoint outcome/mini_gpt_baseline.pt --data data/ --split all
   python scripts/evaluate.py --checkpoint /tmp/hf --set seq_len=64 --max-batches 0
 
 Exit codes: 0 evaluated; 2 bad input.
@@ -31,26 +31,61 @@ if str(REPO) not in sys.path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="an Orbax experiment or step folder, a .pt state dict or a Hugging Face folder")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="as run.py's --data: a .pt file or data folder, .txt text (default: the"
-                        " embedded corpus)")
-    p.add_argument("--text-docs", default="file", metavar="file|block",
-                   help="with .txt data: one document per file or per block (default: %(default)s)")
-    p.add_argument("--split", default="val", choices=("val", "all"),
-                   help="val: training's held-out segments; all: every segment (default: %(default)s)")
-    p.add_argument("--max-batches", type=int, default=None, metavar="N",
-                   help="at most N batches of a seeded sample; 0 = every segment (default: the"
-                        " config's eval_final_batches)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config fields that decide the split and batches (seed, val_fraction,"
-                        " segmentation, batch_size, ...); seq_len only for a Hugging Face folder")
-    p.add_argument("--n-heads", type=int, default=4, metavar="H",
-                   help="attention heads of a .pt state dict (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="an Orbax experiment or step folder, a .pt state dict or a Hugging Face folder",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="as run.py's --data: a .pt file or data folder, .txt text (default: the"
+        " embedded corpus)",
+    )
+    p.add_argument(
+        "--text-docs",
+        default="file",
+        metavar="file|block",
+        help="with .txt data: one document per file or per block (default: %(default)s)",
+    )
+    p.add_argument(
+        "--split",
+        default="val",
+        choices=("val", "all"),
+        help="val: training's held-out segments; all: every segment (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N batches of a seeded sample; 0 = every segment (default: the"
+        " config's eval_final_batches)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config fields that decide the split and batches (seed, val_fraction,"
+        " segmentation, batch_size, ...); seq_len only for a Hugging Face folder",
+    )
+    p.add_argument(
+        "--n-heads",
+        type=int,
+        default=4,
+        metavar="H",
+        help="attention heads of a .pt state dict (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     return p.parse_args(argv)
 
@@ -63,31 +98,56 @@ def main(argv=None) -> int:
 
     try:
         if args.max_batches is not None and args.max_batches < 0:
-            raise cfg.ConfigError(f"--max-batches {args.max_batches}: must be >= 0 (0 = every segment)")
+            raise cfg.ConfigError(
+                f"--max-batches {args.max_batches}: must be >= 0 (0 = every segment)"
+            )
         overrides = cfg.parse_overrides(args.overrides)
         shape = sorted(set(overrides) & set(hf.SHAPE_FIELDS))
         if shape:
-            raise cfg.ConfigError(f"--set {shape[0]}: the model's shape comes from the checkpoint;"
-                                  " expected fields that decide the split and batches")
+            raise cfg.ConfigError(
+                f"--set {shape[0]}: the model's shape comes from the checkpoint;"
+                " expected fields that decide the split and batches"
+            )
         params, config, notes = models.load(
-            args.checkpoint, seq_len=overrides.pop("seq_len", None),
+            args.checkpoint,
+            seq_len=overrides.pop("seq_len", None),
             read_pt=functools.partial(torch_compat.load_params, n_heads=args.n_heads),
-            read_bin=torch_compat.read_numpy_state_dict)
+            read_bin=torch_compat.read_numpy_state_dict,
+        )
         config = config.replace(**overrides)
         seqs = runner.load_data(args.data, [config.vocab_size], args.text_docs)
-        e = models.evaluate(params, config, seqs, args.split, args.max_batches,
-                            desc=None if args.json else "evaluating")
+        e = models.evaluate(
+            params,
+            config,
+            seqs,
+            args.split,
+            args.max_batches,
+            desc=None if args.json else "evaluating",
+        )
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        figures = {k: (v if math.isfinite(v) else None) for k, v in e.as_dict().items()}  # JSON has no NaN
-        print(json.dumps({"checkpoint": args.checkpoint, "data": seqs.describe(), "split": args.split,
-                          **figures, "notes": notes}))
+        figures = {
+            k: (v if math.isfinite(v) else None) for k, v in e.as_dict().items()
+        }  # JSON has no NaN
+        print(
+            json.dumps(
+                {
+                    "checkpoint": args.checkpoint,
+                    "data": seqs.describe(),
+                    "split": args.split,
+                    **figures,
+                    "notes": notes,
+                }
+            )
+        )
     else:
-        print(f"{args.checkpoint} on {seqs.describe()}, {args.split}: loss {e.loss:.4f}"
-              f" ± {e.stderr:.4f}, perplexity {e.perplexity:.2f}, {e.tokens:,} label tokens in"
-              f" {e.segments:,} segments")
+        print(
+            f"{args.checkpoint} on {seqs.describe()}, {args.split}: loss {e.loss:.4f}"
+            f" ± {e.stderr:.4f}, perplexity {e.perplexity:.2f}, {e.tokens:,} label tokens in"
+            f" {e.segments:,} segments"
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel, its tokenizer, a model card).
+"""Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel, tokenizer, model card).
 
 CHECKPOINT is an Orbax experiment folder (outcome/checkpoints/<name>: its latest step), one of
 its step folders, or a .pt state dict (ours, or the PyTorch project's mini_gpt_<name>.pt). The
@@ -38,13 +38,20 @@ def card(checkpoint: pathlib.Path, argv) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="export_hf.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="export_hf.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", help="an Orbax experiment or step folder, or a .pt state dict")
     p.add_argument("out", help="the Hugging Face folder to write, e.g. /tmp/hf")
-    p.add_argument("--n-heads", type=int, default=4,
-                   help="attention heads of a .pt state dict, which its shapes do not record (default: 4)")
+    p.add_argument(
+        "--n-heads",
+        type=int,
+        default=4,
+        help="attention heads of a .pt state dict, which its shapes do not record (default: 4)",
+    )
     args = p.parse_args(argv)
 
     import torch_compat
@@ -53,16 +60,21 @@ def main(argv=None) -> int:
     path = pathlib.Path(args.checkpoint)
     try:
         if hf.is_hf_folder(path):
-            raise models.ModelError(f"{path}: already a Hugging Face folder; expected an Orbax"
-                                    " checkpoint or a .pt state dict")
+            raise models.ModelError(
+                f"{path}: already a Hugging Face folder; expected an Orbax"
+                " checkpoint or a .pt state dict"
+            )
         params, config, _ = models.load(
-            path, read_pt=functools.partial(torch_compat.load_params, n_heads=args.n_heads))
+            path, read_pt=functools.partial(torch_compat.load_params, n_heads=args.n_heads)
+        )
         out = hf.export(params, config, args.out, card(path, argv))
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
         print(f"export_hf.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: GPT2LMHeadModel, n_layer {config.n_layers}, n_embd {config.embed_dim},"
-          f" n_head {config.n_heads}, n_positions {config.seq_len}")
+    print(
+        f"wrote {out}: GPT2LMHeadModel, n_layer {config.n_layers}, n_embd {config.embed_dim},"
+        f" n_head {config.n_heads}, n_positions {config.seq_len}"
+    )
     return 0
 
 

@@ -22,13 +22,24 @@ if str(REPO) not in sys.path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="import_hf.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="import_hf.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("hf_dir", help="a local Hugging Face GPT-2 folder")
-    p.add_argument("checkpoint", help="the experiment folder to write, e.g. outcome/checkpoints/gpt2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="seq_len (positions kept) and training fields for the checkpoint's config"
-                        " (lr, batch_size, dropout, ...); the model's shape comes from HF_DIR")
+    p.add_argument(
+        "checkpoint", help="the experiment folder to write, e.g. outcome/checkpoints/gpt2"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="seq_len (positions kept) and training fields for the checkpoint's config"
+        " (lr, batch_size, dropout, ...); the model's shape comes from HF_DIR",
+    )
     args = p.parse_args(argv)
 
     import torch_compat
@@ -41,22 +52,31 @@ def main(argv=None) -> int:
         overrides = cfg.parse_overrides(args.overrides)
         shape = sorted(set(overrides) & set(hf.SHAPE_FIELDS))
         if shape:
-            raise cfg.ConfigError(f"--set {shape[0]}: the model's shape comes from {args.hf_dir};"
-                                  " expected seq_len or training fields")
+            raise cfg.ConfigError(
+                f"--set {shape[0]}: the model's shape comes from {args.hf_dir};"
+                " expected seq_len or training fields"
+            )
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose a new folder")
-        params, config, notes = hf.load(args.hf_dir, overrides.pop("seq_len", None),
-                                        read_bin=torch_compat.read_numpy_state_dict)
+        params, config, notes = hf.load(
+            args.hf_dir, overrides.pop("seq_len", None), read_bin=torch_compat.read_numpy_state_dict
+        )
         config = config.replace(**overrides)
-        checkpoint.save(checkpoint.manager(out), create_state(config, params), config,
-                        checkpoint.progress_record())
+        checkpoint.save(
+            checkpoint.manager(out),
+            create_state(config, params),
+            config,
+            checkpoint.progress_record(),
+        )
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
         print(f"import_hf.py: error: {e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"adapted: {note}")
-    print(f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers}, n_heads"
-          f" {config.n_heads}, seq_len {config.seq_len}, activation {config.activation}")
+    print(
+        f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers}, n_heads"
+        f" {config.n_heads}, seq_len {config.seq_len}, activation {config.activation}"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""hf.py against transformers itself: export, import, tokenizer, refusals (SPEC, Hugging Face form)."""
+"""hf.py against transformers itself: export, import, tokenizer, refusals (SPEC, HF form)."""
 
 import importlib.util
 import json
@@ -34,7 +34,7 @@ def leaves(params) -> list[np.ndarray]:
 def padded_rows(seq_len: int) -> np.ndarray:
     """Rows with a PAD suffix, PAD in the middle, and all PAD."""
     rows = np.random.default_rng(0).integers(0, PAD_TOKEN_ID, (3, seq_len))
-    rows[0, seq_len // 2:] = PAD_TOKEN_ID
+    rows[0, seq_len // 2 :] = PAD_TOKEN_ID
     rows[1, 5:9] = PAD_TOKEN_ID
     rows[2] = PAD_TOKEN_ID
     return rows
@@ -45,7 +45,9 @@ def exported(tmp_path_factory):
     """A tiny random model and its export, for each activation."""
     out = {}
     for activation in ("gelu", "gelu_tanh"):
-        c = Config(embed_dim=32, n_heads=2, n_layers=2, seq_len=32, dropout=0.0, activation=activation)
+        c = Config(
+            embed_dim=32, n_heads=2, n_layers=2, seq_len=32, dropout=0.0, activation=activation
+        )
         params = init_params(c, jax.random.key(1))
         folder = hf.export(params, c, tmp_path_factory.mktemp(activation) / "hf", {"name": "tiny"})
         out[activation] = (params, c, folder)
@@ -70,7 +72,7 @@ def test_greedy_generation_of_20_tokens_is_identical(exported, float32_matmuls):
     ours = generate.generate(params, c, prompt, max_new_tokens=20, temperature=0.0)
     with torch.no_grad():  # the folder's generation_config suppresses PAD, as generate.py does
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
-    assert theirs[0, len(prompt):].tolist() == ours.tolist()
+    assert theirs[0, len(prompt) :].tolist() == ours.tolist()
 
 
 @pytest.mark.slow  # corpus.documents() parses the standard library
@@ -87,13 +89,26 @@ def test_exported_tokenizer_encodes_the_default_corpus_to_our_ids(exported):
 
 def test_folder_is_what_from_pretrained_needs_and_nothing_is_left_beside_it(exported):
     params, c, folder = exported["gelu"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
-        "special_tokens_map.json", "tokenizer_config.json", "vocab.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "merges.txt",
+            "model.safetensors",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
+    )
     assert [p.name for p in folder.parent.iterdir()] == ["hf"]  # no temporary folder left
     config = transformers.AutoConfig.from_pretrained(folder)
-    assert (config.n_positions, config.n_inner, config.activation_function, config.tie_word_embeddings) \
-        == (32, 128, "gelu", False)
+    assert (
+        config.n_positions,
+        config.n_inner,
+        config.activation_function,
+        config.tie_word_embeddings,
+    ) == (32, 128, "gelu", False)
     assert "## Training data" in (folder / "README.md").read_text()
 
 
@@ -102,8 +117,9 @@ def test_export_then_import_is_bit_exact(exported, activation):
     params, c, folder = exported[activation]
     back, config, notes = hf.load(folder)
     assert [a.tobytes() for a in leaves(back)] == [a.tobytes() for a in leaves(params)]
-    assert {k: getattr(config, k) for k in (*hf.SHAPE_FIELDS, "seq_len", "dropout")} \
-        == {k: getattr(c, k) for k in (*hf.SHAPE_FIELDS, "seq_len", "dropout")}
+    assert {k: getattr(config, k) for k in (*hf.SHAPE_FIELDS, "seq_len", "dropout")} == {
+        k: getattr(c, k) for k in (*hf.SHAPE_FIELDS, "seq_len", "dropout")
+    }
     assert len(notes) == (activation == "gelu_tanh")
 
 
@@ -135,12 +151,22 @@ def gpt2_style(folder: pathlib.Path, safetensors: bool = True, **overrides):
 
 
 @pytest.mark.parametrize("safetensors", [True, False])
-def test_gpt2_style_checkpoint_imports_with_notes_and_equal_logits(tmp_path, safetensors, float32_matmuls):
+def test_gpt2_style_checkpoint_imports_with_notes_and_equal_logits(
+    tmp_path, safetensors, float32_matmuls
+):
     import torch_compat
 
     model = gpt2_style(tmp_path / "gpt2", safetensors)
-    params, c, notes = hf.load(tmp_path / "gpt2", seq_len=64, read_bin=torch_compat.read_numpy_state_dict)
-    assert (c.activation, c.seq_len, c.embed_dim, c.n_heads, c.ffn_mult) == ("gelu_tanh", 64, 32, 2, 4)
+    params, c, notes = hf.load(
+        tmp_path / "gpt2", seq_len=64, read_bin=torch_compat.read_numpy_state_dict
+    )
+    assert (c.activation, c.seq_len, c.embed_dim, c.n_heads, c.ffn_mult) == (
+        "gelu_tanh",
+        64,
+        32,
+        2,
+        4,
+    )
     text = " | ".join(notes)
     for fact in ("gelu_new", "copy of transformer.wte", "first 64 rows", "resid_pdrop 0.1"):
         assert fact in text
@@ -185,11 +211,15 @@ def test_import_script_refuses_in_one_line_with_exit_2(exported, tmp_path, capsy
     for name in ("config.json", "model.safetensors"):
         (bad / name).write_bytes((folder / name).read_bytes())
     config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    (bad / "config.json").write_text(
+        json.dumps({**config, "scale_attn_by_inverse_layer_idx": True})
+    )
     importer = script("import_hf")
-    cases = [([str(bad), str(tmp_path / "ck")], "scale_attn_by_inverse_layer_idx True"),
-             ([str(tmp_path / "none"), str(tmp_path / "ck")], "no such folder"),
-             ([str(folder), str(tmp_path / "ck"), "--set", "embed_dim=64"], "--set embed_dim")]
+    cases = [
+        ([str(bad), str(tmp_path / "ck")], "scale_attn_by_inverse_layer_idx True"),
+        ([str(tmp_path / "none"), str(tmp_path / "ck")], "no such folder"),
+        ([str(folder), str(tmp_path / "ck"), "--set", "embed_dim=64"], "--set embed_dim"),
+    ]
     for argv, fact in cases:
         assert importer.main(argv) == 2
         err = capsys.readouterr().err
@@ -208,7 +238,9 @@ def test_weights_that_do_not_match_the_config_are_refused(exported, tmp_path):
     del weights["transformer.ln_f.bias"]
     weights["transformer.h.0.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"].T.copy()
     save_file(weights, str(bad / "model.safetensors"))
-    with pytest.raises(hf.HFError, match=r"missing transformer.ln_f.bias.*c_fc.weight has shape \(128, 32\)"):
+    with pytest.raises(
+        hf.HFError, match=r"missing transformer.ln_f.bias.*c_fc.weight has shape \(128, 32\)"
+    ):
         hf.load(bad)
 
 
@@ -228,7 +260,9 @@ def test_scripts_orbax_to_hf_to_orbax_is_bit_exact(exported, tmp_path, capsys):
 
     params, c, _ = exported["gelu_tanh"]
     source = tmp_path / "checkpoints" / "tiny"
-    checkpoint.save(checkpoint.manager(source), create_state(c, params), c, checkpoint.progress_record())
+    checkpoint.save(
+        checkpoint.manager(source), create_state(c, params), c, checkpoint.progress_record()
+    )
     assert script("export_hf").main([str(source), str(tmp_path / "hf")]) == 0
     assert script("import_hf").main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert "adapted: activation_function gelu_new" in capsys.readouterr().out
