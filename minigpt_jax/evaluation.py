@@ -82,7 +82,12 @@ def evaluate(state, device_groups: Iterable, progress: tqdm | None = None) -> Ev
     """Evaluate `state` over groups of batches already on its devices (`groups`)."""
     sums, counts = [], []
     for g in device_groups:
-        m = jax.device_get(eval_steps(state, g))
+        m = eval_steps(state, g)
+        if jax.process_count() > 1:  # each process holds only its own devices' rows
+            from jax.experimental import multihost_utils
+
+            m = multihost_utils.process_allgather(m, tiled=True)
+        m = jax.device_get(m)
         sums.append(m["loss_sum"])
         counts.append(m["tokens"])
         if progress is not None:

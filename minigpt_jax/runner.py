@@ -226,9 +226,9 @@ def run(
     t = time.perf_counter()
     seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
     data_seconds = time.perf_counter() - t
-    if lead:
-        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
     _check(p, seqs, out, resume, lists)
+    if lead:  # after the checks: bad input stays one line
+        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
     exps = [loop.Experiment(name, c, devs, text, data_id=seqs.fingerprint)
             for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
     return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
