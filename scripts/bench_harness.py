@@ -97,20 +97,20 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
     the periodic evaluations' and the final one's time, and the rest of the wall time."""
     import jax
 
-    from minigpt_jax import loop
+    from minigpt_jax import evaluation, loop
 
     timings = {"eval": 0.0, "evals": 0}
-    real = loop.evaluate
+    real = evaluation.evaluate  # the periodic evaluations and (last) the final one
 
-    def timed(state, groups):
+    def timed(state, groups, progress=None):
         t = time.perf_counter()
-        got = real(state, groups)
+        got = real(state, groups, progress)
         timings["eval"] += time.perf_counter() - t
         timings["evals"] += 1
         timings["last_eval"] = time.perf_counter() - t
         return got
 
-    loop.evaluate = timed
+    evaluation.evaluate = timed
     try:
         exp = loop.Experiment("bench", c, jax.devices()[0])
         loop.run_experiment(exp, prepared, out, max_steps=2)  # compile everything first
@@ -119,9 +119,9 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
         r = loop.run_experiment(exp, prepared, out, max_steps=steps)
         wall = time.perf_counter() - t
     finally:
-        loop.evaluate = real
+        evaluation.evaluate = real
     assert r.status == "ok", r.status
-    final = timings["last_eval"]  # the whole held-out set at the end
+    final = timings["last_eval"]  # the final evaluation (at most eval_final_batches)
     elapsed = [row["elapsed"] for row in r.rows]
     steady = elapsed[-1] - elapsed[SKIP - 1]
     return {"wall": wall, "final_eval": final, "periodic_eval": timings["eval"] - final,
