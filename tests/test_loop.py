@@ -85,7 +85,7 @@ def test_checkpoint_holds_state_config_and_a_fixed_size_progress(tmp_path, prep)
     rows = list(csv.DictReader(open(tmp_path / "metrics_baseline.csv")))
     assert int(state.step) == 5
     assert progress == {"step": 5, "next_batch": 5, "tokens": int(rows[-1]["tokens"]),
-                        "seconds": progress["seconds"]} and progress["seconds"] > 0
+                        "seconds": progress["seconds"], "data": ""} and progress["seconds"] > 0
 
 
 def test_metrics_go_to_csv_jsonl_and_tensorboard(tmp_path, prep):
