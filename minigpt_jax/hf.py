@@ -125,6 +125,38 @@ def load(
     return params, config, notes + more
 
 
+def init_from(
+    hf_dir: str | os.PathLike,
+    configs: Mapping[str, Config],
+    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+) -> tuple[dict[str, Config], dict[str, dict], list[str]]:
+    """run.py --init-from: ({name: config with the folder's model shape}, {name: initial
+    params}, notes, one line each) for experiments that start from a local GPT-2 folder.
+    Each keeps its own training fields and seq_len (the first seq_len positions); an
+    experiment that sets a shape field itself (n_layers_1, --set embed_dim=...) to another
+    value than the folder's model is refused, naming the field."""
+    from minigpt_jax.config import BASELINE
+
+    loaded: dict[int, tuple[dict, Config, list[str]]] = {}  # seq_len -> load(); read once each
+    out_configs, out_params, notes = {}, {}, []
+    for name, c in configs.items():
+        if c.seq_len not in loaded:
+            loaded[c.seq_len] = load(hf_dir, c.seq_len, base=c, read_bin=read_bin)
+            notes += [n for n in loaded[c.seq_len][2] if n not in notes]
+        params, model, _ = loaded[c.seq_len]
+        for f in SHAPE_FIELDS:
+            mine, theirs = getattr(c, f), getattr(model, f)
+            if mine != getattr(BASELINE, f) and mine != theirs:
+                raise HFError(
+                    f"--init-from {hf_dir}: experiment {name} sets {f}={mine}, the model has"
+                    f" {f}={theirs}; expected experiments that leave the model's shape to the"
+                    " folder (e.g. --only baseline)"
+                )
+        out_configs[name] = c.replace(**{f: getattr(model, f) for f in SHAPE_FIELDS})
+        out_params[name] = params
+    return out_configs, out_params, notes
+
+
 def _tokenizer_files(folder: pathlib.Path, config: Config) -> None:
     encoder_json, vocab_bpe = tokenizer.bpe_files()
     shutil.copyfile(encoder_json, folder / "vocab.json")

@@ -189,8 +189,11 @@ def run(
     concurrent: int = 1,
     text_docs: str = "file",
     cache: bool = True,
+    init_from: str | os.PathLike | None = None,
+    export_hf: bool = False,
     writers: Callable | None = None,
     read_pt: Callable | None = None,
+    read_bin: Callable | None = None,
     on_result: Callable | None = None,
     stop: threading.Event | None = None,
     gpu_index: dict[int, int] | None = None,
@@ -201,12 +204,19 @@ def run(
 
     devices: indices into jax.devices(), the PyTorch project's --devices rule (default: all
     on the first device). concurrent: up to this many experiments at the same time on each
-    device. cache: read a .pt source through the token cache (sources.py). writers(experiment): extra metric writers (W&B). read_pt(path, vocab_size): the
-    .pt reader (default: torch_compat's, imported when a .pt is read). on_result(result):
+    device. cache: read a .pt source through the token cache (sources.py). init_from: a local
+    Hugging Face GPT-2 folder every experiment starts from (hf.init_from; read_bin reads its
+    pytorch_model.bin, if that is what it holds). export_hf: write <out>/hf/<name>/, a
+    GPT2LMHeadModel folder, as each experiment finishes. writers(experiment): extra metric
+    writers (W&B). read_pt(path, vocab_size): the .pt reader (default: torch_compat's,
+    imported when a .pt is read). on_result(result):
     called as each experiment finishes, after its curves (exports). stop: set it to save
     and stop every experiment at its next block. gpu_index: host.restrict_gpus' index map.
     """
     p = plan(experiments, overrides, sweeps, max_steps, override_text)
+    params, notes = {}, []
+    if init_from is not None:
+        p, params, notes = _init_from(p, init_from, read_bin)
     if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
         raise RunError(f"--concurrent {concurrent!r}: expected a positive integer")
     out = pathlib.Path(out)
@@ -223,28 +233,62 @@ def run(
         raise RunError(str(e)) from None
     if notice and lead:
         tqdm.write(f"run.py: {notice}", file=sys.stderr)
+    for note in notes if lead else ():
+        tqdm.write(f"--init-from {init_from}: {note}", file=sys.stderr)
     t = time.perf_counter()
     seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
     data_seconds = time.perf_counter() - t
     _check(p, seqs, out, resume, lists)
     if lead:  # after the checks: bad input stays one line
         tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
-    exps = [loop.Experiment(name, c, devs, text, data_id=seqs.fingerprint)
+    exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint)
             for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
     return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
-                  data_seconds, command, lead)
+                  data_seconds, command, lead, export_hf)
+
+
+def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
+    """The plan with the folder's model shape and its initial params (hf.init_from)."""
+    from minigpt_jax import hf
+
+    try:
+        configs, params, notes = hf.init_from(hf_dir, p.configs, read_bin)
+    except hf.HFError as e:
+        text = str(e)
+        raise hf.HFError(text if text.startswith("--init-from") else f"--init-from {text}") from None
+    experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))
+                   for name, (_, text) in p.experiments.items()}
+    return Plan(experiments, p.max_steps), params, notes
+
+
+def _export_hf(out: pathlib.Path, r, seqs, command) -> None:
+    """<out>/hf/<name>/: the experiment as a GPT2LMHeadModel folder, or one line why not."""
+    from minigpt_jax import hf
+
+    if r.state is None:
+        return
+    import jax
+
+    try:
+        card = hf.run_card(r.name, r.rows, r.val_rows, data=seqs.describe(), command=command,
+                           status=r.status)
+        hf.export(jax.device_get(r.state.params), r.config, out / "hf" / r.name, card)
+    except (hf.HFError, OSError) as e:
+        tqdm.write(f"{r.name}: no hf/{r.name}/ ({e})", file=sys.stderr)
 
 
 def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_result, stop,
-           data_seconds, command, lead) -> list:
+           data_seconds, command, lead, export_hf=False) -> list:
     from minigpt_jax import data, parallel, plots, report, tables
 
     def finished(r) -> None:
-        """Curves, then the caller's exports, of an experiment as soon as it finishes."""
+        """Curves, then the exports, of an experiment as soon as it finishes."""
         t = time.perf_counter()
         r.phases["data"] = data_seconds
         if lead and r.rows:
             plots.plot_experiment(out, r.name, r.rows, r.val_rows)
+        if lead and export_hf:
+            _export_hf(out, r, seqs, command)
         if lead and on_result is not None:
             on_result(r)
         r.phases["outputs"] = time.perf_counter() - t

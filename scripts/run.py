@@ -15,6 +15,8 @@ Examples:
   python scripts/run.py --sweep lr=1e-3,3e-4 --sweep batch_size=16,64  # a 2x2 grid over baseline
   python scripts/run.py --data my_texts/ --set lr_schedule=cosine --set warmup_steps=100
   python scripts/run.py --resume                          # continue from the latest checkpoints
+  python scripts/run.py --only baseline --export hf       # also outcome/hf/baseline/ (transformers)
+  python scripts/run.py --only baseline --init-from ~/gpt2  # fine-tune a local GPT-2 folder
   python scripts/run.py --data-parallel --devices 0,1,2,3 # each experiment's batches split over 4 devices
   python scripts/run.py --data-parallel --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
 
@@ -64,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         " of KEY (repeatable: the grid), named as the PyTorch project does: lr_1e-3")
     add("--stack", action="store_true", help="train experiments that share a device and differ"
         " only in lr, weight_decay, seed, max_epochs, val_fraction as one vmapped program")
+    add("--export", choices=["hf"], action="append", default=[], help="also write each finished"
+        " experiment as a Hugging Face GPT2LMHeadModel folder, <out>/hf/<name>/ (docs/huggingface.md)")
+    add("--init-from", metavar="HF_DIR", help="start every experiment from a local Hugging Face"
+        " GPT-2 folder's weights; the model's shape comes from it (docs/huggingface.md)")
     add("--wandb", metavar="PROJECT", help="also log metrics to Weights & Biases (needs wandb)")
     add("--max-steps", metavar="N", help="stop each experiment after N steps (default: max_epochs)")
     add("--seed", metavar="S", help="shorthand for --set seed=S")
@@ -106,6 +112,13 @@ def export_state_dict(out: pathlib.Path, r) -> None:
         tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({e})")
 
 
+def read_bin(path):
+    """A Hugging Face folder's pytorch_model.bin, read with torch (weights_only)."""
+    import torch_compat
+
+    return torch_compat.read_numpy_state_dict(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from minigpt_jax import host, placement
@@ -142,7 +155,8 @@ def main(argv=None) -> int:
             names, data=args.data, out=out, devices=devices,
             overrides=overrides, sweeps=sweeps, max_steps=plan.max_steps, resume=args.resume,
             stack=args.stack, data_parallel=args.data_parallel, concurrent=concurrent,
-            text_docs=args.text_docs, cache=not args.no_cache, writers=writers, stop=stop,
+            text_docs=args.text_docs, cache=not args.no_cache, init_from=args.init_from,
+            export_hf="hf" in args.export, read_bin=read_bin, writers=writers, stop=stop,
             on_result=lambda r: export_state_dict(out, r), gpu_index=restriction.index,
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]),
             override_text=", ".join(args.overrides))

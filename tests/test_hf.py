@@ -269,3 +269,70 @@ def test_scripts_orbax_to_hf_to_orbax_is_bit_exact(exported, tmp_path, capsys):
     back, config, step = checkpoint.load_params(tmp_path / "back")
     assert step == 0 and config.activation == "gelu_tanh"
     assert [a.tobytes() for a in leaves(back)] == [a.tobytes() for a in leaves(params)]
+
+
+# --- run.py --export hf and --init-from ----------------------------------------------------
+
+RUN = {"embed_dim": 32, "n_heads": 2, "n_layers": 2, "seq_len": 32, "batch_size": 4,
+       "dropout": 0.0, "eval_every": 100, "eval_final_batches": 2}
+
+
+@pytest.fixture(scope="module")
+def run_export(tmp_path_factory):
+    """A 2-step run with export_hf: its Result and its out folder."""
+    from minigpt_jax import runner
+
+    out = tmp_path_factory.mktemp("run")
+    [r] = runner.run(["baseline"], out=out, overrides={**RUN, "seed": 7}, max_steps=2, export_hf=True,
+                     command="scripts/run.py --export hf")
+    return r, out
+
+
+@pytest.mark.slow
+def test_run_export_hf_writes_a_folder_gpt2lmheadmodel_computes(run_export, float32_matmuls):
+    r, out = run_export
+    folder = out / "hf" / "baseline"
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    rows = padded_rows(r.config.seq_len)
+    ours = np.asarray(MiniGPT(r.config).apply({"params": jax.device_get(r.state.params)}, rows))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(rows)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    card = (folder / "README.md").read_text()
+    assert f"{r.rows[-1]['loss']:.4f}" in card and "scripts/run.py --export hf" in card
+
+
+@pytest.mark.slow
+def test_run_init_from_starts_every_experiment_from_the_folders_weights(run_export, tmp_path):
+    from minigpt_jax import runner
+
+    r, out = run_export
+    folder = out / "hf" / "baseline"
+    # lr 1e-9 for one step: the weights stay the folder's to 1e-6; a fresh start (seed 0, the
+    # folder's run had seed 7) would not
+    shape_left_to_folder = {k: v for k, v in RUN.items() if k not in ("embed_dim", "n_heads", "n_layers")}
+    [r2] = runner.run(["baseline"], out=tmp_path, overrides={**shape_left_to_folder, "lr": 1e-9},
+                      max_steps=1, init_from=folder)
+    assert (r2.config.embed_dim, r2.config.n_heads, r2.config.n_layers) == (32, 2, 2)
+    assert "init from" in r2.overrides
+    start, after = leaves(jax.device_get(r.state.params)), leaves(jax.device_get(r2.state.params))
+    assert len(start) == len(after)
+    for a, b in zip(start, after):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    fresh = leaves(init_params(r2.config, jax.random.key(r2.config.seed)))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(start, fresh)) > 1e-2
+
+
+@pytest.mark.slow
+def test_init_from_refuses_an_experiment_of_another_shape_before_training(run_export, tmp_path):
+    from minigpt_jax import runner
+
+    _, out = run_export
+    with pytest.raises(hf.HFError, match="experiment embed_dim_64 sets embed_dim=64, the model"
+                                         " has embed_dim=32") as e:
+        runner.run(["embed_dim_64"], out=tmp_path / "o", overrides={"seq_len": 32},
+                   init_from=out / "hf" / "baseline")
+    assert "\n" not in str(e.value) and str(e.value).startswith("--init-from")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(hf.HFError, match="^--init-from .*nope: no such folder"):
+        runner.run(["baseline"], out=tmp_path / "o", init_from=tmp_path / "nope")
