@@ -199,7 +199,8 @@ def model_card(config: Config, card: Mapping[str, Any]) -> str:
         f"# {name}",
         "",
         "A MiniGPT trained with minigpt-jax, in GPT-2's architecture (`GPT2LMHeadModel`):"
-        f" {config.n_layers} pre-norm blocks of width {config.embed_dim}, {config.n_heads} heads,"
+        f" {config.n_layers} pre-norm block{'s' * (config.n_layers != 1)} of width"
+        f" {config.embed_dim}, {config.n_heads} heads,"
         f" FFN {config.ffn_dim} with the {act}, {config.seq_len} learned positions, vocabulary"
         f" {config.vocab_size} (GPT-2 BPE), an untied head; {num_params(config):,} parameters.",
         "",
