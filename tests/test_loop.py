@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources, tables
-from minigpt_jax.config import Config
+from minigpt_jax import checkpoint, data, evaluation, loop, parallel, sources, tables, train
+from minigpt_jax.config import PAD_TOKEN_ID, Config
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,61 @@ def test_resume_on_other_data_is_refused(tmp_path, prep):
     with pytest.raises(checkpoint.CheckpointError, match=r"trained on other data.*other.pt"):
         checkpoint.check_resumable(tmp_path, {"baseline": small()}, "b" * 64, "other.pt")
     checkpoint.check_resumable(tmp_path, {"baseline": small()}, "a" * 64, "same.pt")  # same data
+
+
+def test_final_evaluation_of_zero_batches_is_every_held_out_batch(tmp_path, prep):
+    """eval_final_batches=0: exactly the figure of evaluating every held-out batch in turn; a
+    bound below the held-out set's size evaluates fewer segments."""
+    c = small(eval_final_batches=0)
+    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), prep, tmp_path / "a",
+                            max_steps=2)
+    sums, counts = [], []
+    for batch in data.eval_batches(prep.val, c.batch_size):
+        m = jax.device_get(train.eval_step(r.state, batch))
+        sums.append(m["loss_sum"])
+        counts.append(m["tokens"])
+    whole = evaluation.summarize(np.concatenate(sums), np.concatenate(counts))
+    labels = int(np.count_nonzero(np.asarray(prep.val)[:, 1:] != PAD_TOKEN_ID))
+    assert r.final_eval.tokens == whole.tokens == labels
+    assert r.final_eval.segments == whole.segments
+    assert r.final_eval.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert r.val_rows[-1]["val_loss"] == pytest.approx(whole.loss, rel=1e-6)
+    bounded = loop.run_experiment(loop.Experiment("one", small(eval_final_batches=1),
+                                                  jax.devices()[0]), prep, tmp_path / "b", max_steps=2)
+    assert bounded.final_eval.segments <= c.batch_size < whole.segments
+
+
+def test_bounded_final_sample_is_the_same_across_experiments_data_copies_and_a_resume(tmp_path, seqs,
+                                                                                      prep):
+    c = small(eval_final_batches=2)
+    assert 2 * c.batch_size < len(prep.val), "the bound must make it a sample"
+    again = data.prepare(sources.from_arrays(seqs.to_list(), "the same data, read again"), c)
+    picked = evaluation.final_batches(prep.val, 2, c.batch_size, c.seed)
+    np.testing.assert_array_equal(
+        np.stack(picked), np.stack(evaluation.final_batches(again.val, 2, c.batch_size, c.seed)))
+    dev = jax.devices()[0]
+    a = loop.run_experiment(loop.Experiment("a", c, dev), prep, tmp_path / "a", max_steps=6)
+    b = loop.run_experiment(loop.Experiment("b", c.replace(lr=1e-3), dev), prep, tmp_path / "b",
+                            max_steps=6)
+    assert a.final_eval.loss != b.final_eval.loss  # other weights, the same held-out rows
+    assert (a.final_eval.tokens, a.final_eval.segments) == (b.final_eval.tokens, b.final_eval.segments)
+    assert a.final_eval.tokens == int(np.count_nonzero(np.stack(picked)[:, :, 1:] != PAD_TOKEN_ID))
+    loop.run_experiment(loop.Experiment("a", c, dev), prep, tmp_path / "c", max_steps=3)
+    resumed = loop.run_experiment(loop.Experiment("a", c, dev), prep, tmp_path / "c", max_steps=6,
+                                  resume=True)
+    assert resumed.final_eval == a.final_eval
+
+
+def test_phase_times_and_throughput_without_compilation(tmp_path, prep):
+    r = loop.run_experiment(loop.Experiment("p", small(), jax.devices()[0]), prep, tmp_path,
+                            max_steps=4)
+    assert {"compile", "train", "final_eval"} <= set(r.phases)
+    assert all(r.phases[k] > 0 for k in ("compile", "train", "final_eval")), r.phases
+    row = tables.row(r)
+    elapsed = r.rows[-1]["elapsed"]  # training seconds, compilation left out
+    assert row["compile_seconds"] == round(r.phases["compile"], 2)
+    assert row["tokens_per_second"] == pytest.approx(r.tokens / elapsed, abs=0.1)
+    assert elapsed <= r.phases["train"] + 1e-6
+    assert row["tokens_per_second"] * r.phases["train"] >= r.tokens * (1 - 1e-6)
+    with_compile = r.tokens / (elapsed + r.phases["compile"])
+    assert row["tokens_per_second"] > with_compile

@@ -183,6 +183,13 @@ def damage_state_data(step: pathlib.Path):
             f.write_bytes(b"\0" * f.stat().st_size)
 
 
+def other_data(step: pathlib.Path):
+    """Not damage: other data beside the run (step is tmp/out/checkpoints/baseline/16)."""
+    rng = np.random.default_rng(1)
+    torch.save([torch.tensor(rng.integers(0, 50000, n)) for n in rng.integers(20, 150, 80)],
+               step.parents[3] / "other.pt")
+
+
 # id -> (what goes into --data, or None; extra arguments; expected message, a regex).
 # {data}, {out}, {ckpt} in the arguments and message are filled in per case.
 DATA_CASES = {
@@ -228,6 +235,7 @@ RESUME_CASES = {  # --resume against a copy of the straight run's checkpoints (s
     "--resume, checkpoint progress garbled": (lambda s: (s / "progress" / "metadata").write_text('{"rows": [{"st'), [], r"--resume: checkpoint {ckpt}/16: damaged, cannot be read \(JSONDecodeError: .*\); expected a complete checkpoint"),
     "--resume, checkpoint config garbled": (lambda s: (s / "config" / "metadata").write_bytes(b"\x00" * 64), [], r"--resume: checkpoint {ckpt}/16: cannot read its config \(.*\); expected a complete checkpoint"),
     "--resume, checkpoint folder is a file": ("file", [], r"--resume: {ckpt} is not a folder; expected the Orbax checkpoints of baseline"),
+    "--resume on other data": (other_data, ["--data", "{tmp}/other.pt"], r"--resume: checkpoint {ckpt}/16 was trained on other data \(fingerprint sha256:\w+\.\.\.\) than {tmp}/other.pt \(sha256:\w+\.\.\.\); expected the same --data"),
 }
 assert len(DATA_CASES) + len(ARG_CASES) + len(RESUME_CASES) >= 25
 

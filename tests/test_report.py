@@ -195,3 +195,14 @@ def test_ranking_says_within_noise_under_two_standard_errors():
     assert "`a` ≈ `b` < `c`" in notes and "Within noise, so not ordered by this run: `a` and `b`" in notes
     assert "over 5,000 held-out label tokens (100 segments), standard error 0.0200" in notes
     assert "`b` and `c`" not in notes
+
+
+def test_setup_shows_where_the_time_went(tmp_path):
+    tiny = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
+    r = fake_result("baseline", tiny, np.linspace(10.0, 6.0, 20), val=6.2)
+    r.phases.update(data=12.3, segment=1.5, compile=3.0, train=40.0, final_eval=2.0, outputs=0.5)
+    text = report.write_report(tmp_path, [r], {"baseline": fake_prepared()}, "made up",
+                               {}).read_text()
+    setup = text.split("## 3. Training setup and experiments")[1].split("## 4.")[0]
+    assert "| experiment | data | segment | compile | train | final_eval | outputs |" in setup
+    assert re.search(r"\| baseline \| 12\.3 \| 1\.5 \| 3\.0 \| 40\.0 \| 2\.0 \| 0\.5 \|", setup)

@@ -181,3 +181,29 @@ def test_only_runs_one_experiment_and_final_loss_is_the_last_step(tmp_path, data
     assert row["experiment"] == "lr_1e-3" and last["step"] == "3"
     assert float(row["final_loss"]) == float(last["loss"])
     assert math.isclose(float(row["final_perplexity"]), math.exp(float(last["loss"])), rel_tol=1e-6)
+
+
+def test_every_long_phase_prints_a_line_and_the_report_shows_the_phase_times(full_run):
+    """A line for reading the data, compiling and the final evaluation (its bar); at the end one
+    line per experiment with its phase times (the runner's data, segment and outputs with the
+    loop's compile, train and final_eval), which report.md's Setup section tabulates."""
+    import re
+
+    from minigpt_jax import report
+
+    out, r = full_run
+    err = r.stderr.replace("\r", "\n")
+    assert re.search(r"^data: .*, read and checked in [\d.]+ s$", err, re.M)
+    assert len(re.findall(r"step program traced and compiled in [\d.]+ s", err)) == len(NAMES)
+    assert all(f"{n}: final evaluation" in err for n in NAMES)
+    text = (out / "report.md").read_text()
+    setup = text.split("## 3. Training setup and experiments")[1].split("## 4.")[0]
+    assert "| experiment | " + " | ".join(report.PHASES) + " |" in setup
+    for n in NAMES:
+        m = re.search(rf"^  {re.escape(n)} +ok; (.*)$", err, re.M)
+        assert m, f"no phase line for {n}"
+        phases = dict(re.findall(r"(\w+) ([\d.]+) s", m.group(1)))
+        assert list(phases) == list(report.PHASES), m.group(1)
+        assert all(float(v) >= 0 for v in phases.values()) and float(phases["train"]) > 0
+        before_outputs = " | ".join(phases[k] for k in report.PHASES[:-1])
+        assert f"| {n} | {before_outputs} |" in setup, n  # outputs grows after the report
