@@ -153,15 +153,19 @@ def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file",
     return seqs
 
 
-def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> None:
-    """What the data, devices and checkpoints decide, before any training."""
+def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> dict:
+    """What the data, devices and checkpoints decide, before any training -> the seconds
+    that splitting and segmenting took, per data setting (data.prepare_key)."""
     from minigpt_jax import checkpoint, data, optim
 
+    seconds = {}
     for name, c in plan_.configs.items():
         if c.batch_size % len(device_lists[0]):
             raise RunError(f"{name}: batch_size={c.batch_size} is not divisible by the"
                            f" {len(device_lists[0])} data-parallel devices")
+        t = time.perf_counter()
         prepared = data.prepare(seqs, c)  # once per data setting, shared by those that agree
+        seconds.setdefault(data.prepare_key(c), time.perf_counter() - t)
         total = data.steps_per_epoch(len(prepared.train), c.batch_size) * c.max_epochs
         try:
             optim.lr_shape(c, min(total, plan_.max_steps or total))  # the schedule fits the run
@@ -172,6 +176,7 @@ def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> 
             checkpoint.check_resumable(out, plan_.configs, seqs.fingerprint, seqs.source)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"--resume: {e}") from None
+    return seconds
 
 
 def run(
@@ -238,13 +243,15 @@ def run(
     t = time.perf_counter()
     seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
     data_seconds = time.perf_counter() - t
-    _check(p, seqs, out, resume, lists)
+    segment_seconds = _check(p, seqs, out, resume, lists)
     if lead:  # after the checks: bad input stays one line
-        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s", file=sys.stderr)
+        tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s; split and"
+                   f" segmented in {sum(segment_seconds.values()):.1f} s", file=sys.stderr)
     exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint)
             for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
+    phases = {"data": data_seconds, "segment": segment_seconds}
     return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
-                  data_seconds, command, lead, export_hf)
+                  phases, command, lead, export_hf)
 
 
 def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
@@ -278,13 +285,16 @@ def _export_hf(out: pathlib.Path, r, seqs, command) -> None:
 
 
 def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_result, stop,
-           data_seconds, command, lead, export_hf=False) -> list:
+           phases, command, lead, export_hf=False) -> list:
     from minigpt_jax import data, parallel, plots, report, tables
 
     def finished(r) -> None:
         """Curves, then the exports, of an experiment as soon as it finishes."""
         t = time.perf_counter()
-        r.phases["data"] = data_seconds
+        r.phases["data"] = phases["data"]
+        # segmented in the checks; a worker's own prepare (memoised, or again if evicted) adds
+        r.phases["segment"] = (phases["segment"].get(data.prepare_key(r.config), 0.0)
+                               + r.phases.get("segment", 0.0))
         if lead and r.rows:
             plots.plot_experiment(out, r.name, r.rows, r.val_rows)
         if lead and export_hf:

@@ -30,7 +30,7 @@ from jax import lax
 from minigpt_jax import optim
 from minigpt_jax.config import Config
 from minigpt_jax.losses import head_loss, masked_lm_loss, row_losses  # noqa: F401  (masked_lm_loss: re-exported)
-from minigpt_jax.model import MiniGPT, init_params
+from minigpt_jax.model import MiniGPT, init_params, model_config
 
 
 def device_prefetch(batches, put=jax.device_put, size: int = 2):
@@ -46,15 +46,6 @@ def device_prefetch(batches, put=jax.device_put, size: int = 2):
 
 class TrainState(train_state.TrainState):
     """Params, AdamW state and step; apply_fn and tx are static."""
-
-
-MODEL_FIELDS = ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "dropout",
-                "activation", "dtype", "matmul_precision")
-
-
-def model_config(config: Config) -> Config:
-    """The config with only the model's fields kept (the rest default): what apply_fn closes over."""
-    return Config(**{k: getattr(config, k) for k in MODEL_FIELDS})
 
 
 @functools.cache

@@ -193,7 +193,8 @@ def test_every_long_phase_prints_a_line_and_the_report_shows_the_phase_times(ful
 
     out, r = full_run
     err = r.stderr.replace("\r", "\n")
-    assert re.search(r"^data: .*, read and checked in [\d.]+ s$", err, re.M)
+    assert re.search(r"^data: .*, read and checked in [\d.]+ s; split and segmented in [\d.]+ s$",
+                     err, re.M)
     assert len(re.findall(r"step program traced and compiled in [\d.]+ s", err)) == len(NAMES)
     assert all(f"{n}: final evaluation" in err for n in NAMES)
     text = (out / "report.md").read_text()
