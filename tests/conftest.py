@@ -47,7 +47,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # the marker, not item.keywords: those hold every parent node's name (a checkout in a folder
+    # named gpu would mark every test)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
     if not GPU_RUN:
