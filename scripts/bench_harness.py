@@ -55,6 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 SKIP = 10  # steps left out of the steady-state times (the first block)
 
 
+def sample_batches(prepared, c, n: int = 8) -> list:
+    """n batches of random training segments, for bare_seconds."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [prepared.train[rng.choice(len(prepared.train), c.batch_size)] for _ in range(n)]
+
+
 def bare_seconds(c, batches, steps: int) -> float:
     """Seconds per step of train_step alone on device-resident batches, metrics read every 10
     steps, after the first SKIP steps."""
@@ -124,7 +132,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import benchlib
     import jax
-    import numpy as np
 
     from minigpt_jax import data, host, sources
 
@@ -136,8 +143,7 @@ def main(argv=None) -> int:
         prepared = data.prepare(seqs, c)
         steps = args.steps  # over as many epochs as it takes (the default corpus has 47 steps an epoch)
         cx = c.replace(max_epochs=-(-steps // data.steps_per_epoch(len(prepared.train), c.batch_size)))
-        rng = np.random.default_rng(0)
-        batches = [prepared.train[rng.choice(len(prepared.train), c.batch_size)] for _ in range(8)]
+        batches = sample_batches(prepared, c)
         with tempfile.TemporaryDirectory() as out:
             h = harness_seconds(cx, prepared, steps, pathlib.Path(out))
         bare = bare_seconds(cx, batches, steps)
