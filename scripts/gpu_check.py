@@ -133,6 +133,10 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         return gs.determinism_worker(out, args.steps, args.cpu_smoke)
     t0 = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="gpu_check-")
+    # one persistent compilation cache for this run and its child processes (before JAX starts)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(tmp.name) / "jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import jax
 
     from minigpt_jax import host
@@ -145,8 +149,8 @@ def main(argv=None) -> int:
     report = {"command": benchlib.command_line(PROG, argv), "machine": machine,
               "mode": "cpu-smoke" if args.cpu_smoke else "full", "sections": {}}
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        ctx = gs.Ctx(profile, machine, pathlib.Path(tmp))
+    with tmp:
+        ctx = gs.Ctx(profile, machine, pathlib.Path(tmp.name))
         for name in args.sections:
             if time.perf_counter() - t0 > budget:
                 report["sections"][name] = {"status": "skipped", "expected_min":

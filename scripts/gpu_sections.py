@@ -24,7 +24,7 @@ from minigpt_jax import config as cfg
 REPO = benchlib.REPO
 ALL = ("jax", "jax_fused", "torch", "torch_compile")
 NO_COMPILE = ("jax", "jax_fused", "torch")
-TINY = {"embed_dim": 32, "n_heads": 2, "seq_len": 32, "batch_size": 4, "eval_batches": 2}
+TINY = {"embed_dim": 16, "n_heads": 2, "seq_len": 32, "batch_size": 2, "eval_batches": 2}
 COMPARED = ("step", "tokens", "loss", "perplexity", "lr", "grad_norm")  # metrics, not timings
 
 
@@ -55,6 +55,8 @@ class Profile:
     stack_steps: int
     stack_rounds: int
     det_steps: int
+    det_together: bool  # the two determinism workers at the same time (their timings then mean
+    # nothing: the smoke, where only the mechanism is checked)
 
 
 GPU = Profile(
@@ -70,19 +72,19 @@ GPU = Profile(
     rounds=5, block=50, torch_block=20, ceiling_n=8192, head_chunks=(256, 512, 1024),
     harness_steps=2000, bare_steps=300,
     concurrent_experiments=None, concurrent_n=5, concurrent_steps=None,
-    stack_ns=(1, 2, 4, 8), stack_steps=100, stack_rounds=2, det_steps=200)
+    stack_ns=(1, 2, 4, 8), stack_steps=100, stack_rounds=2, det_steps=200,
+    det_together=False)
 
 SMOKE = Profile(
     smoke=True, base=TINY,
     expected_min=GPU.expected_min,
     budget_s={k: 60 for k in GPU.budget_s},
-    precision_steps=5, parity_k="forward_jax_params_exported_to_reference",
-    step_configs=(("baseline", NO_COMPILE), ("baseline:dtype=bfloat16", ("jax", "torch")),
-                  ("n_layers_1", ("jax",))),
-    rounds=2, block=2, torch_block=1, ceiling_n=256, head_chunks=(64,),
-    harness_steps=30, bare_steps=20,
-    concurrent_experiments=("baseline", "lr_1e-3"), concurrent_n=2, concurrent_steps=10,
-    stack_ns=(1, 2), stack_steps=10, stack_rounds=1, det_steps=16)
+    precision_steps=5, parity_k="round_trip_params_state_dict",
+    step_configs=(("baseline", NO_COMPILE), ("baseline:dtype=bfloat16", ("jax",))),
+    rounds=2, block=2, torch_block=1, ceiling_n=256, head_chunks=(32,),
+    harness_steps=20, bare_steps=12,
+    concurrent_experiments=("baseline", "lr_1e-3"), concurrent_n=2, concurrent_steps=4,
+    stack_ns=(2,), stack_steps=10, stack_rounds=1, det_steps=12, det_together=True)
 
 
 @dataclasses.dataclass
@@ -119,19 +121,25 @@ def one_line(text: str) -> str:
 
 # --- correctness -------------------------------------------------------------------------
 
-def _pytest(ctx: Ctx, args: list[str]) -> dict:
+def _pytest(ctx: Ctx, runs: list[list[str]]) -> list[dict]:
+    """pytest runs (argument lists), at the same time, in child processes -> one dict each:
+    exit code, summary line and its counts."""
     gpu = not ctx.profile.smoke
     env = child_env(**({"MINIGPT_TEST_GPU": "1"} if gpu else {"JAX_PLATFORMS": "cpu"}))
     if not gpu:
         env.pop("MINIGPT_TEST_GPU", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    summary = one_line(r.stdout)
-    counts = {k.rstrip("s"): int(n) for n, k in
-              re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
-    return {"command": " ".join(["pytest", *args]), "rc": r.returncode, "summary": summary,
-            "seconds": time.perf_counter() - t, **counts}
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for args in runs]
+    out = []
+    for args, proc in zip(runs, procs):
+        summary = one_line(proc.communicate(timeout=600)[0])
+        counts = {k.rstrip("s"): int(n) for n, k in
+                  re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
+        out.append({"command": " ".join(["pytest", *args]), "rc": proc.returncode,
+                    "summary": summary, "seconds": time.perf_counter() - t, **counts})
+    return out
 
 
 def precision_losses(c: cfg.Config, steps: int) -> dict:
@@ -158,12 +166,10 @@ def precision_losses(c: cfg.Config, steps: int) -> dict:
 def correctness(ctx: Ctx) -> dict:
     gpu_files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                        if "pytest.mark.gpu" in p.read_text())
-    runs = [_pytest(ctx, ["-m", "gpu", *gpu_files])]
-    ctx.say(f"gpu tests: {runs[0]['summary']}")
     parity = ["tests/test_parity.py"] + (["-k", ctx.profile.parity_k] if ctx.profile.parity_k
                                          else [])
-    runs.append(_pytest(ctx, parity))
-    ctx.say(f"parity tests: {runs[1]['summary']}")
+    runs = _pytest(ctx, [["-m", "gpu", *gpu_files], parity])
+    ctx.say(f"gpu tests: {runs[0]['summary']}; parity tests: {runs[1]['summary']}")
     losses = precision_losses(ctx.config(), ctx.profile.precision_steps)
     a, b = losses["default"], losses["float32"]
     rel = abs(a - b) / abs(b)
@@ -391,7 +397,7 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 def determinism(ctx: Ctx) -> dict:
     from minigpt_jax import loop
     steps = ctx.profile.det_steps
-    rows = []
+    procs = {}
     for label, flag in FLAGS:
         out = ctx.tmp / f"det_{label}"
         env = child_env(XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), flag) if f))
@@ -399,9 +405,16 @@ def determinism(ctx: Ctx) -> dict:
                "--out", str(out), "--steps", str(steps)] + (["--cpu-smoke"] if ctx.profile.smoke
                                                              else [])
         ctx.say(f"{label}: XLA_FLAGS={env['XLA_FLAGS']!r}")
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-        if r.returncode != 0:
-            raise RuntimeError(f"worker ({label}) exit {r.returncode}: {one_line(r.stderr)}")
+        procs[label] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        if not ctx.profile.det_together:
+            procs[label].wait(timeout=400)
+    rows = []
+    for label, proc in procs.items():
+        out = ctx.tmp / f"det_{label}"
+        err = proc.communicate(timeout=400)[1]
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker ({label}) exit {proc.returncode}: {one_line(err)}")
         w = json.loads((out / "worker.json").read_text())
         if any(s != "ok" for s in w["status"].values()):
             raise CheckFailed(f"{label}: runs {w['status']}")

@@ -40,7 +40,8 @@ def _jax_gpus() -> list:
 
 # Modules whose tests start run.py as a subprocess or train several experiments: `slow`, so
 # `make test-fast` (-m "not slow") leaves them out. Single slow tests elsewhere carry the mark.
-SLOW_MODULES = {"test_reliability", "test_run", "test_sweeps", "test_parallel", "test_stack"}
+SLOW_MODULES = {"test_reliability", "test_run", "test_sweeps", "test_parallel", "test_stack",
+                "test_gpu_check"}
 
 
 def pytest_collection_modifyitems(config, items):
