@@ -3,7 +3,7 @@ five experiments on one device, stacked variants, determinism and resume.
 
 Writes DIR/gpu_check.json (every figure) and DIR/gpu_check.md (a BENCHMARKS.md section),
 prints one line as each section starts and ends and a table at the end; exit code 1 if any
-section failed (each failure is one line in both files; the other sections still run),
+section failed or was skipped (each failure is one line in both files; the other sections still run),
 2 on bad input. Expected minutes per section on one H200 (the plan: BENCHMARKS.md, "GPU
 check (issue 20): the plan"): correctness 1, step 2, harness 1, concurrent 1, stack 1,
 determinism 1.5; each section stops starting new items once its own budget is spent, and
