@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.worker:
         out.mkdir(parents=True, exist_ok=True)
-        return gs.determinism_worker(out, args.steps, args.cpu_smoke)
+        import gpu_determinism
+        return gpu_determinism.determinism_worker(out, args.steps, args.cpu_smoke)
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="gpu_check-")
     # one persistent compilation cache for this run and its child processes (before JAX starts)
