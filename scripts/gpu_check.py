@@ -101,7 +101,9 @@ def markdown(report: dict) -> list[str]:
     m = report["machine"]
     lines = [begin, "### Measured: GPU check", "",
              f"- Machine: {m['host']}; JAX device `{m['platform']}` ({m['kind']}); {m['versions']}.",
-             f"- Command: `{report['command']}` ({report['mode']}); {report['wall_s']:.0f} s in all.",
+             f"- Command: `{report['command']}` ({report['mode']}); {report['wall_s']:.0f} s in all;"
+             f" JAX's device peak {cell(report['device_peak_bytes'] and report['device_peak_bytes'] / 2**20)}"
+             " MiB (the whole check; JAX's allocator, not PyTorch's).",
              "", *table([{"section": n, "status": e["status"], "seconds": e.get("seconds"),
                           "expected min (H200)": e["expected_min"], "summary": summary(e)}
                          for n, e in report["sections"].items()])]
@@ -120,6 +122,16 @@ def print_table(report: dict) -> None:
     print(f"\n{'section':<12} {'status':<8} {'seconds':>8}  summary")
     for name, e in report["sections"].items():
         print(f"{name:<12} {e['status']:<8} {e.get('seconds', 0):>8.1f}  {summary(e)}")
+
+
+def write(out: pathlib.Path, report: dict, t0: float) -> None:
+    """gpu_check.json and gpu_check.md as they stand (the device's peak memory so far too)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    report["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+    report["wall_s"] = time.perf_counter() - t0
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "gpu_check.md").write_text("\n".join(markdown(report)) + "\n")
 
 
 def main(argv=None) -> int:
@@ -157,11 +169,9 @@ def main(argv=None) -> int:
                 report["sections"][name] = {"status": "skipped", "expected_min":
                                             profile.expected_min[name],
                                             "reason": f"--budget-s {budget:g} spent"}
-                continue
-            report["sections"][name] = run_section(ctx, name)
-    report["wall_s"] = time.perf_counter() - t0
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "gpu_check.md").write_text("\n".join(markdown(report)) + "\n")
+            else:
+                report["sections"][name] = run_section(ctx, name)
+            write(out, report, t0)  # after every section: a run killed later keeps these
     print_table(report)
     print(f"{PROG}: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}"
           f" in {report['wall_s']:.0f} s")

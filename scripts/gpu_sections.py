@@ -248,6 +248,7 @@ def step(ctx: Ctx) -> dict:
         rows += [_slim(r) for r in cons.measure_config(
             label, kind, c, run, p.rounds, p.block, p.torch_block, ceiling, machine,
             progress=ctx.say)]
+    ctx.say(f"head chunk sweep: {ctx.profile.head_chunks} rows and the whole batch")
     head = head_sweep(ctx) if not ctx.over() else []
     best = min(head, key=lambda r: r["step_ms"]) if head else None
     base = next((r for r in rows if r["config"] == "baseline" and r["contender"] == "jax"
