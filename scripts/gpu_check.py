@@ -6,8 +6,9 @@ prints one line as each section starts and ends and a table at the end; exit cod
 section failed or was skipped (each failure is one line in both files; the other sections still run),
 2 on bad input. Expected minutes per section on one H200 (the plan: BENCHMARKS.md, "GPU
 check (issue 20): the plan"): correctness 1, step 2, harness 1, concurrent 1, stack 1,
-determinism 1.5; each section stops starting new items once its own budget is spent, and
-sections left when --budget-s is spent are recorded as skipped.
+determinism 1.5; each section stops starting new items once its own budget or the check's
+(--budget-s) is spent, and a section is skipped (and recorded so) when less of --budget-s is
+left than its expected minutes.
 
   python3 scripts/gpu_check.py --out /tmp/gc                     # the full check, on a GPU
   python3 scripts/gpu_check.py --only step,stack --out /tmp/gc
@@ -163,12 +164,13 @@ def main(argv=None) -> int:
               "mode": "cpu-smoke" if args.cpu_smoke else "full", "sections": {}}
     out.mkdir(parents=True, exist_ok=True)
     with tmp:
-        ctx = gs.Ctx(profile, machine, pathlib.Path(tmp.name))
+        ctx = gs.Ctx(profile, machine, pathlib.Path(tmp.name), deadline=t0 + budget)
         for name in args.sections:
-            if time.perf_counter() - t0 > budget:
+            left = t0 + budget - time.perf_counter()
+            if left < (0 if args.cpu_smoke else 60 * profile.expected_min[name]):
                 report["sections"][name] = {"status": "skipped", "expected_min":
-                                            profile.expected_min[name],
-                                            "reason": f"--budget-s {budget:g} spent"}
+                                            profile.expected_min[name], "reason":
+                                            f"{max(left, 0):.0f} s of --budget-s {budget:g} left"}
             else:
                 report["sections"][name] = run_section(ctx, name)
             write(out, report, t0)  # after every section: a run killed later keeps these

@@ -91,12 +91,14 @@ class Ctx:
     profile: Profile
     machine: dict
     tmp: pathlib.Path
+    deadline: float = math.inf  # perf_counter() at which the whole check's budget is spent
     section: str = ""
     started: float = 0.0
 
     def over(self) -> bool:
-        """Whether this section's budget is spent (it then starts no new item)."""
-        return time.perf_counter() - self.started > self.profile.budget_s[self.section]
+        """Whether this section's budget, or the check's, is spent (it starts no new item)."""
+        now = time.perf_counter()
+        return now - self.started > self.profile.budget_s[self.section] or now > self.deadline
 
     def say(self, message: str) -> None:
         print(f"gpu_check: {self.section}: {message}", file=sys.stderr, flush=True)
