@@ -113,7 +113,7 @@ def markdown(report: dict) -> list[str]:
                   + (f" ({summary(e)})" if e["status"] != "ok" else ""), ""]
         for key, value in e.get("figures", {}).items():
             if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-                lines += [f"{key}:", "", *table(value), ""]
+                lines += ["", f"{key}:", "", *table(value), ""]
             elif key != "summary":
                 lines.append(f"- {key}: {cell(value)}")
     return lines + ["", end]
