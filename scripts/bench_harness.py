@@ -52,21 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def users_shaped(tokens: int, seed: int = 0):
-    """A Sequences of `tokens` random ids in chunks of up to 512, 90% exactly 512, none under 10."""
+SKIP = 10  # steps left out of the steady-state times (the first block)
+
+
+def sample_batches(prepared, c, n: int = 8) -> list:
+    """n batches of random training segments, for bare_seconds."""
     import numpy as np
 
-    from minigpt_jax import sources
-
-    rng = np.random.default_rng(seed)
-    n = tokens // 490
-    lengths = np.where(rng.random(n) < 0.9, 512, rng.integers(10, 512, n))
-    flat = rng.integers(0, cfg.PAD_TOKEN_ID, int(lengths.sum()), dtype=np.int32)
-    return sources.Sequences(flat, sources.offsets_from_lengths(lengths), "tokenized",
-                             f"synthetic ({len(flat):,} tokens in {n:,} chunks)")
-
-
-SKIP = 10  # steps left out of the steady-state times (the first block)
+    rng = np.random.default_rng(0)
+    return [prepared.train[rng.choice(len(prepared.train), c.batch_size)] for _ in range(n)]
 
 
 def bare_seconds(c, batches, steps: int) -> float:
@@ -90,6 +84,12 @@ def bare_seconds(c, batches, steps: int) -> float:
             pending = []
     jax.device_get(pending)
     return (time.perf_counter() - t) / (steps - SKIP)
+
+
+def steady_seconds(rows: list[dict]) -> float:
+    """Training seconds from step SKIP on, from a run's metrics rows (`elapsed` at each row,
+    the periodic evaluations and checkpoints in between included)."""
+    return float(rows[-1]["elapsed"]) - float(rows[SKIP - 1]["elapsed"])
 
 
 def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
@@ -122,18 +122,16 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
         evaluation.evaluate = real
     assert r.status == "ok", r.status
     final = timings["last_eval"]  # the final evaluation (at most eval_final_batches)
-    elapsed = [row["elapsed"] for row in r.rows]
-    steady = elapsed[-1] - elapsed[SKIP - 1]
+    steady = steady_seconds(r.rows)
     return {"wall": wall, "final_eval": final, "periodic_eval": timings["eval"] - final,
-            "per_step": steady / (steps - SKIP), "steady": steady,
+            "per_step": steady / (len(r.rows) - SKIP), "steady": steady,
             "fixed": wall - steady - final}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import benchlib
     import jax
-    import numpy as np
-    from bench import write_section
 
     from minigpt_jax import data, host, sources
 
@@ -141,12 +139,11 @@ def main(argv=None) -> int:
     overrides = {"eval_every": 50, "ckpt_every": 50, **cfg.parse_overrides(args.overrides)}
     c = cfg.BASELINE.replace(**overrides)
     rows = []
-    for label, seqs in (("default corpus", sources.default_corpus()), ("users'-shaped", users_shaped(args.tokens))):
+    for label, seqs in (("default corpus", sources.default_corpus()), ("users'-shaped", benchlib.users_shaped(args.tokens))):
         prepared = data.prepare(seqs, c)
         steps = args.steps  # over as many epochs as it takes (the default corpus has 47 steps an epoch)
         cx = c.replace(max_epochs=-(-steps // data.steps_per_epoch(len(prepared.train), c.batch_size)))
-        rng = np.random.default_rng(0)
-        batches = [prepared.train[rng.choice(len(prepared.train), c.batch_size)] for _ in range(8)]
+        batches = sample_batches(prepared, c)
         with tempfile.TemporaryDirectory() as out:
             h = harness_seconds(cx, prepared, steps, pathlib.Path(out))
         bare = bare_seconds(cx, batches, steps)
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
             f" {1e3 * h['per_step']:.1f} | {100 * over:+.1f}% ({1e3 * (h['per_step'] - bare):+.1f} ms/step) |"
             f" {100 * h['periodic_eval'] / h['steady']:.1f}% | {h['fixed']:.1f} s | {h['final_eval']:.2f} s |")
     lines += ["<!-- bench:end harness -->"]
-    write_section(pathlib.Path(args.out), lines[0], lines[-1], lines)
+    benchlib.write_section(pathlib.Path(args.out), lines)
     print("\n".join(lines))
     return 0
 

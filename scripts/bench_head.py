@@ -21,28 +21,42 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # run from a checkout; bench.py's batches
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # run from a checkout; benchlib's batches
 
+import benchlib  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from contenders import compiled_step  # noqa: E402
 
 from minigpt_jax import config as cfg  # noqa: E402
 from minigpt_jax import host, losses, train  # noqa: E402
 
 
-def compiled_step(state, batch, rng, path: str | None, chunk: int | None, module=train):
-    """module's train step compiled with HEAD_PATH=path and that path's chunk rows set to chunk."""
-    saved = losses.HEAD_PATH, losses.HEAD_CHUNK, losses.ACCEL_HEAD_CHUNK
-    try:
-        if path is not None:
-            losses.HEAD_PATH = path
-        if chunk is not None:
-            losses.HEAD_CHUNK = losses.ACCEL_HEAD_CHUNK = chunk
-        # a new function object: JAX caches traces by function; the settings are read when tracing
-        step = jax.jit(lambda *a: module._step(*a), donate_argnums=0)
-        return step.lower(state, batch, rng).compile()
-    finally:
-        losses.HEAD_PATH, losses.HEAD_CHUNK, losses.ACCEL_HEAD_CHUNK = saved
+def time_steps(runs: dict, batches, rng, rounds: int, steps: int) -> dict:
+    """{name: {"fn": compiled step, "state", "i": next batch}}, timed in interleaved rounds
+    of `steps` steps each -> {name: [seconds per step, one per round]}."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, r in runs.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                r["state"], m = r["fn"](r["state"], batches[r["i"] % len(batches)], rng)
+                r["i"] += 1
+            jax.block_until_ready(m)
+            times[name].append((time.perf_counter() - t) / steps)
+    return times
+
+
+def head_runs(c, params, batches, rng, contenders: dict) -> dict:
+    """{name: (module or None, path, chunk)} -> {name: run} for time_steps, each compiled from
+    the same parameters and stepped once (its first loss in run["loss"])."""
+    runs = {}
+    for name, (module, path, chunk) in contenders.items():
+        state = train.create_state(c, jax.tree_util.tree_map(np.array, params))
+        fn = compiled_step(state, batches[0], rng, path, chunk, module or train)
+        state, m = fn(state, batches[0], rng)
+        runs[name] = {"fn": fn, "state": state, "loss": float(m["loss"]), "i": 1}
+    return runs
 
 
 def load_reference(path: str):
@@ -59,8 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps per contender per round")
     p.add_argument("--reference", help="a train.py of another revision, timed alongside")
     args = p.parse_args(argv)
-    import bench
-
     tuned = host.tune_host_allocator(jax.default_backend())
     c = cfg.experiment_config("baseline")
     rng = jax.random.key(c.seed + 1)
@@ -70,7 +82,7 @@ def main(argv=None) -> int:
     print("| batches | contender | step ms (median) | min | first loss |")
     print("|---|---|---:|---:|---:|")
     for kind in args.kinds.split(","):
-        batches = [jax.device_put(b) for b in bench.make_batches(c, kind)[0]]
+        batches = [jax.device_put(b) for b in benchlib.make_batches(c, kind)[0]]
         contenders = {
             "sorted (CPU path)": (None, "sorted", None),
             f"static, {losses.HEAD_CHUNK}-row chunks": (None, "static", losses.HEAD_CHUNK),
@@ -78,23 +90,11 @@ def main(argv=None) -> int:
         }
         if args.reference:
             contenders["reference train.py"] = (load_reference(args.reference), None, None)
-        runs = {}
-        for name, (module, path, chunk) in contenders.items():
-            state = train.create_state(c, jax.tree_util.tree_map(np.array, params))
-            fn = compiled_step(state, batches[0], rng, path, chunk, module or train)
-            state, m = fn(state, batches[0], rng)
-            runs[name] = {"fn": fn, "state": state, "loss": float(m["loss"]), "t": [], "i": 1}
-        for _ in range(args.rounds):
-            for r in runs.values():
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    r["state"], m = r["fn"](r["state"], batches[r["i"] % len(batches)], rng)
-                    r["i"] += 1
-                jax.block_until_ready(m)
-                r["t"].append((time.perf_counter() - t) / args.steps)
+        runs = head_runs(c, params, batches, rng, contenders)
+        times = time_steps(runs, batches, rng, args.rounds, args.steps)
         for name, r in runs.items():
-            print(f"| {kind} | {name} | {1e3 * statistics.median(r['t']):.1f} | "
-                  f"{1e3 * min(r['t']):.1f} | {r['loss']:.4f} |")
+            print(f"| {kind} | {name} | {1e3 * statistics.median(times[name]):.1f} | "
+                  f"{1e3 * min(times[name]):.1f} | {r['loss']:.4f} |")
     return 0
 
 

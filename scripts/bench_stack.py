@@ -139,9 +139,9 @@ def main(argv=None) -> int:
     if args.steps <= 0 or args.steps % BLOCK or not ns or min(ns) < 1 or args.rounds < 1:
         raise SystemExit(f"bench_stack.py: --steps must be a positive multiple of {BLOCK}, --n and"
                          " --rounds positive")
+    import benchlib
     import jax
     import numpy as np
-    from bench import write_section
 
     from minigpt_jax import data, host, sources
 
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                   " and per-step host work. The accelerator target (8 stacked >= 4x 8 separate on an H100)"
                   " needs this script run there.")]
     lines += ["<!-- bench:end stack -->"]
-    write_section(pathlib.Path(args.out), lines[0], lines[-1], lines)
+    benchlib.write_section(pathlib.Path(args.out), lines)
     print("\n".join(lines))
     return 0
 

@@ -25,10 +25,10 @@ class Ceiling:
     """A large float32 matmul, JAX and PyTorch, timed once per round: the machine's attainable
     FLOP/s (TF32 on GPUs, as the step's float32 matmuls)."""
 
-    def __init__(self, gpu: bool, with_torch: bool):
+    def __init__(self, gpu: bool, with_torch: bool, n: int | None = None):
         import jax
         import jax.numpy as jnp
-        self.n = 8192 if gpu else 4096
+        self.n = n or (8192 if gpu else 4096)  # n: a smaller matmul for quick checks
         a, b = jax.random.normal(jax.random.key(0), (2, self.n, self.n), jnp.float32)
         mm = jax.jit(jnp.matmul)
         self.fns = {"jax": lambda: jax.block_until_ready(mm(a, b))}

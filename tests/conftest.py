@@ -40,14 +40,17 @@ def _jax_gpus() -> list:
 
 # Modules whose tests start run.py as a subprocess or train several experiments: `slow`, so
 # `make test-fast` (-m "not slow") leaves them out. Single slow tests elsewhere carry the mark.
-SLOW_MODULES = {"test_reliability", "test_run", "test_sweeps", "test_parallel", "test_stack"}
+SLOW_MODULES = {"test_reliability", "test_run", "test_sweeps", "test_parallel", "test_stack",
+                "test_gpu_check"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # the marker, not item.keywords: those hold every parent node's name (a checkout in a folder
+    # named gpu would mark every test)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
     if not GPU_RUN:
