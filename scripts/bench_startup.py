@@ -21,7 +21,10 @@ less X), compile seconds, total wall seconds, peak RSS (wait4's ru_maxrss, the
 process and its waited-for children) and its excess over the interpreter,
 against the issue 18 target of 2 x N x 4 bytes for N tokens (with the cache).
 Also each run's own phase line (data, segment, compile, train, final_eval,
-outputs), and a check that every long phase printed its line.
+outputs), and a check that every long phase printed its line. The modes run a
+tiny model (the data is what they measure); the smoke runs are issue 18's other
+target: baseline with every default as shipped (the 200-batch final evaluation
+included), on the embedded corpus and on each size with a warm cache.
 
 Examples:
   python scripts/bench_startup.py                          # 10M and 100M -> BENCHMARKS.md
@@ -53,8 +56,8 @@ SECTION = "startup"
 # about a second each on a 2-core CPU, whatever the data (override with --set).
 TINY = ["embed_dim=32", "n_heads=2", "n_layers=1", "eval_final_batches=20"]
 MODES = ("cold", "warm", "no-cache", "prepared")
-# The lines a run prints for its long phases (the segment line only when it takes >= 0.5 s).
-PHASE_LINES = {"data": r"^data: .* read and checked in", "segment": r"data split and segmented in",
+# The lines a run prints for its long phases
+PHASE_LINES = {"data": r"^data: .* read and checked in", "segment": r"split and segmented in",
                "compile": r"step program traced and compiled in", "final_eval": r"final evaluation",
                "phases": r"^\s+baseline\s+\S+; data "}
 INTERPRETER = """
@@ -88,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="10M,100M", help="token counts, comma-separated"
                    " (k, M, G suffixes; default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="--max-steps of each run (default: 10)")
+    p.add_argument("--no-smoke", action="store_true", help="leave out the smoke runs: baseline"
+                   " with every default as shipped, on the corpus and on each size, cached")
     p.add_argument("--data-dir", default=str(pathlib.Path(tempfile.gettempdir()) / "bench_startup"),
                    help="where the generated .pt files (reused when present), the prepared"
                         " folders and the runs' caches live (default: %(default)s)")
@@ -170,12 +175,9 @@ def phase_line(lines) -> str:
                 "")
 
 
-def missing_lines(lines, phases: str) -> list[str]:
-    """The long phases that printed no line (segmentation under 0.5 s prints none)."""
-    m = re.search(r"segment ([\d.]+) s", phases)
-    quiet = {"segment"} if m and float(m.group(1)) < 0.5 else set()
-    return [k for k, pat in PHASE_LINES.items()
-            if k not in quiet and not any(re.search(pat, ln) for _, ln in lines)]
+def missing_lines(lines) -> list[str]:
+    """The long phases that printed no line."""
+    return [k for k, pat in PHASE_LINES.items() if not any(re.search(pat, ln) for _, ln in lines)]
 
 
 def run_py(data: pathlib.Path | None, extra: list[str], sets: list[str], steps: int, env: dict,
@@ -187,13 +189,14 @@ def run_py(data: pathlib.Path | None, extra: list[str], sets: list[str], steps: 
     for s in sets:
         cmd += ["--set", s]
     r = measure(cmd, env)
+    r["cmd"] = cmd
     shutil.rmtree(out, ignore_errors=True)
     if r["rc"] != 0:
         tail = "\n".join(ln for _, ln in r["lines"][-5:])
         benchlib.fail(PROG, f"{' '.join(cmd)} exited {r['rc']}:\n{tail}")
     r["startup"], r["compile"] = first_step(r["lines"])
     r["phases"] = phase_line(r["lines"])
-    r["missing"] = missing_lines(r["lines"], r["phases"])
+    r["missing"] = missing_lines(r["lines"])
     return r
 
 
@@ -210,15 +213,21 @@ def bench_size(tokens: int, args, sets: list[str], base_env: dict, work: pathlib
             data, seconds = prepared_dir(pt, env)
             runs["prepare_data.py"] = seconds
         runs[mode] = run_py(data, extra, sets, args.steps, env, work / "out")
-        print(f"{PROG}: {tokens:,} tokens, {mode}: start-up {benchlib.fmt(runs[mode]['startup'], '.1f')}"
-              f" s, wall {runs[mode]['wall']:.1f} s, peak RSS {runs[mode]['rss'] / 2**20:,.0f} MiB;"
-              f" {runs[mode]['phases']}", file=sys.stderr)
+        _progress(f"{tokens:,} tokens, {mode}", runs[mode])
+    if not args.no_smoke:  # issue 18's smoke target: baseline, every default as shipped, cached
+        runs["smoke"] = run_py(pt.parent, [], args.overrides, args.steps, env, work / "out")
+        _progress(f"{tokens:,} tokens, smoke run (shipped defaults, cached)", runs["smoke"])
     return runs
+
+
+def _progress(what: str, r: dict) -> None:
+    print(f"{PROG}: {what}: start-up {benchlib.fmt(r['startup'], '.1f')} s, wall {r['wall']:.1f} s,"
+          f" peak RSS {r['rss'] / 2**20:,.0f} MiB; {r['phases']}", file=sys.stderr)
 
 
 # --- the table ---------------------------------------------------------------------------
 
-def table(results: dict, interp: dict, corpus: dict) -> list[str]:
+def table(results: dict, interp: dict, corpus: dict, smoke: dict | None) -> list[str]:
     base = interp["rss"]
     out = [f"Interpreter + JAX + the library and what a run imports (orbax, tensorboardX,"
            f" matplotlib, torch) + one tiny step: peak RSS {base / 2**20:,.0f} MiB; run on the embedded corpus: start-up {benchlib.fmt(corpus['startup'], '.1f')} s,"
@@ -230,7 +239,7 @@ def table(results: dict, interp: dict, corpus: dict) -> list[str]:
         target = 2 * tokens * 4 / 2**20
         for mode in MODES:
             r = runs[mode]
-            phases = re.sub(r"^\S+\s+\S+;\s*", "", r["phases"]) or "-"
+            phases = _phases(r)
             out.append(f"| {tokens / 1e6:,.0f}M | {mode} | {benchlib.fmt(r['startup'], '.1f')} |"
                        f" {benchlib.fmt(r['compile'], '.1f')} | {r['wall']:.1f} |"
                        f" {r['rss'] / 2**20:,.0f} | {(r['rss'] - base) / 2**20:,.0f} |"
@@ -245,7 +254,23 @@ def table(results: dict, interp: dict, corpus: dict) -> list[str]:
                    f" {100 * above:.0f}% of 2xNx4; warm wall {warm['wall'] - corpus['wall']:+.1f} s"
                    f" vs the corpus run; prepare_data.py {runs['prepare_data.py']:.1f} s;"
                    f" phase lines missing: {', '.join(gaps) or 'none'}")
+        if smoke is not None and "smoke" in runs:
+            r = runs["smoke"]
+            out.append(f"- {tokens / 1e6:,.0f}M: {args_steps(r)}-step smoke run at baseline, every default"
+                       f" as shipped, cached: wall {r['wall']:.1f} s vs {smoke['wall']:.1f} s on the"
+                       f" embedded corpus, {r['wall'] - smoke['wall']:+.1f} s (target at most +60 s);"
+                       f" {_phases(r)}")
     return out
+
+
+def _phases(r: dict) -> str:
+    """The run's phase line without its name and status."""
+    return re.sub(r"^\S+\s+\S+;\s*", "", r["phases"]) or "-"
+
+
+def args_steps(r: dict) -> str:
+    m = re.search(r"--max-steps (\d+)", " ".join(r["cmd"]))
+    return m.group(1) if m else "?"
 
 
 def _ratio(a, b) -> str:
@@ -265,6 +290,11 @@ def main(argv=None) -> int:
         env = {**base_env, "XDG_CACHE_HOME": str(work / "cache-corpus")}
         run_py(None, [], sets, args.steps, env, work / "out")  # warms the compilation cache
         corpus = run_py(None, [], sets, args.steps, env, work / "out")
+        smoke = None
+        if not args.no_smoke:
+            run_py(None, [], args.overrides, args.steps, env, work / "out")  # compiles baseline
+            smoke = run_py(None, [], args.overrides, args.steps, env, work / "out")
+            _progress("embedded corpus, smoke run (shipped defaults)", smoke)
         results = {t: bench_size(t, args, sets, base_env, work) for t in args.tokens}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -274,7 +304,7 @@ def main(argv=None) -> int:
              f" {machine['versions']}) by `{benchlib.command_line(PROG, argv)}`;"
              f" runs: `scripts/run.py --only baseline --max-steps {args.steps}"
              f" {' '.join('--set ' + s for s in sets)}`.", "",
-             *table(results, interp, corpus), end]
+             *table(results, interp, corpus, smoke), end]
     print("\n".join(lines[1:-1]))
     benchlib.write_section(pathlib.Path(args.out), lines)
     return 0
