@@ -41,7 +41,11 @@ HEAD_CHUNK = (
 # Rows per chunk on accelerators: one (2048, 50257) float32 chunk is 412 MB, and larger
 # matmuls keep a GPU busy; unmeasured (no GPU was lent when it was chosen).
 ACCEL_HEAD_CHUNK = 2048
-EVAL_ROWS = 8  # rows of logits at a time in evaluation: (8, L, V) float32 stays small
+# Rows of logits at a time in evaluation. CPU: (2, L, V) float32 stays in cache, twice as
+# fast as 8 rows at baseline (BENCHMARKS.md); accelerators: about one ACCEL_HEAD_CHUNK of
+# positions at seq_len 64, unmeasured.
+EVAL_ROWS = 2
+ACCEL_EVAL_ROWS = 32
 DATA_AXIS = "data"  # the mesh axis that splits batches by rows (placement.Placement)
 
 
@@ -279,12 +283,21 @@ def row_losses(
     """Per row, the summed cross entropy over its non-PAD labels and their count -> ((B,), (B,)).
 
     For evaluation (no gradients), where the standard error needs each held-out
-    segment's own loss: the logits of EVAL_ROWS rows at a time, never the batch's.
+    segment's own loss: the logits of EVAL_ROWS rows at a time (ACCEL_EVAL_ROWS off the
+    CPU), never the batch's.
     """
-    B, L, D = h_BLD.shape
-    G = math.gcd(B, EVAL_ROWS)
     labels_BL = tokens_BL[:, 1:]
     weights_BL = (labels_BL != PAD_TOKEN_ID).astype(jnp.float32)
+    ce_B = lax.platform_dependent(
+        h_BLD, kernel_DV, labels_BL, weights_BL,
+        cpu=lambda *a: _row_ce(*a, EVAL_ROWS), default=lambda *a: _row_ce(*a, ACCEL_EVAL_ROWS))
+    return ce_B, weights_BL.sum(-1)
+
+
+def _row_ce(h_BLD, kernel_DV, labels_BL, weights_BL, at_a_time: int) -> jax.Array:
+    """Each row's summed weighted cross entropy, at_a_time rows of logits at once -> (B,)."""
+    B, L, D = h_BLD.shape
+    G = math.gcd(B, at_a_time)
 
     def rows(args):
         h_GLD, labels_GL, weights_GL = args
@@ -295,4 +308,4 @@ def row_losses(
 
     ce_B = lax.map(rows, (h_BLD.reshape(B // G, G, L, D), labels_BL.reshape(B // G, G, L - 1),
                           weights_BL.reshape(B // G, G, L - 1)))
-    return ce_B.reshape(B), weights_BL.sum(-1)
+    return ce_B.reshape(B)
