@@ -45,6 +45,7 @@ class Profile:
     torch_block: int
     ceiling_n: int
     head_chunks: tuple  # rows per chunk swept (and the whole batch)
+    eval_rows: tuple  # evaluation's rows of logits at a time, swept (losses.ACCEL_EVAL_ROWS)
     harness_steps: int
     bare_steps: int
     concurrent_experiments: tuple | None  # None: make run's five
@@ -69,6 +70,7 @@ GPU = Profile(
                   ("batch_size_16", NO_COMPILE), ("n_layers_1", NO_COMPILE),
                   ("embed_dim_64", NO_COMPILE)),
     rounds=5, block=50, torch_block=20, ceiling_n=8192, head_chunks=(256, 512, 1024),
+    eval_rows=(8, 16, 32),
     harness_steps=2000, bare_steps=300,
     concurrent_experiments=None, concurrent_n=5, concurrent_steps=None,
     stack_ns=(1, 2, 4, 8), stack_steps=100, stack_rounds=2, det_steps=200,
@@ -80,7 +82,7 @@ SMOKE = Profile(
     budget_s={k: 60 for k in GPU.budget_s},
     precision_steps=5, parity_k="round_trip_params_state_dict",
     step_configs=(("baseline", NO_COMPILE), ("baseline:dtype=bfloat16", ("jax",))),
-    rounds=2, block=2, torch_block=1, ceiling_n=256, head_chunks=(32,),
+    rounds=2, block=2, torch_block=1, ceiling_n=256, head_chunks=(32,), eval_rows=(1, 2),
     harness_steps=20, bare_steps=12,
     concurrent_experiments=("baseline", "lr_1e-3"), concurrent_n=2, concurrent_steps=4,
     stack_ns=(2,), stack_steps=10, stack_rounds=1, det_steps=12, det_together=True)
@@ -231,6 +233,26 @@ def head_sweep(ctx: Ctx) -> list[dict]:
              "first_loss": runs[ch]["loss"]} for ch in chunks]
 
 
+def eval_sweep(ctx: Ctx) -> list[dict]:
+    """One baseline evaluation batch at each rows-of-logits-at-a-time (bench_eval's)."""
+    import functools
+
+    import jax
+    from bench_eval import compiled_eval, timed
+
+    from minigpt_jax import train
+    c = ctx.config()
+    rows = [r for r in ctx.profile.eval_rows if c.batch_size % r == 0] + [c.batch_size]
+    state = train.create_state(c)
+    batches = [jax.device_put(b) for b in benchlib.make_batches(c, "dense")[0]]
+    fns = {r: compiled_eval(r, state, batches[0]) for r in dict.fromkeys(rows)}
+    for fn in fns.values():
+        timed(fn, state, batches, 1)  # warm
+    times = benchlib.interleaved({r: functools.partial(timed, fn, state, batches, ctx.profile.block)
+                                  for r, fn in fns.items()}, ctx.profile.rounds)
+    return [{"eval_rows": r, "batch_ms": 1e3 * benchlib.median(times[r])} for r in fns]
+
+
 def step(ctx: Ctx) -> dict:
     import bench
     import contenders as cons
@@ -253,15 +275,20 @@ def step(ctx: Ctx) -> dict:
     ctx.say(f"head chunk sweep: {ctx.profile.head_chunks} rows and the whole batch")
     head = head_sweep(ctx) if not ctx.over() else []
     best = min(head, key=lambda r: r["step_ms"]) if head else None
+    ctx.say(f"evaluation rows sweep: {ctx.profile.eval_rows} rows and the whole batch")
+    evals = eval_sweep(ctx) if not ctx.over() else []
+    best_eval = min(evals, key=lambda r: r["batch_ms"]) if evals else None
     base = next((r for r in rows if r["config"] == "baseline" and r["contender"] == "jax"
                  and "step_ms" in r), None)
     figures = {"rows": rows, "skipped": skipped, "head_chunks": head,
-               "head_chunk_best": best and best["chunk_rows"],
+               "head_chunk_best": best and best["chunk_rows"], "eval_rows": evals,
+               "eval_rows_best": best_eval and best_eval["eval_rows"],
                "ceiling_flops": ceiling.flops()}
     figures["summary"] = (f"baseline jax {base['step_ms']:.2f} ms/step, {base['tokens_s']:,.0f}"
                           f" tokens/s, x eager {benchlib.fmt(base['x_torch_eager'], '.2f')}"
                           if base else "no baseline jax row") + (
-        f"; best head chunk {best['chunk_rows']} rows" if best else "")
+        f"; best head chunk {best['chunk_rows']} rows" if best else "") + (
+        f"; best evaluation rows {best_eval['eval_rows']}" if best_eval else "")
     if not rows or all("failed" in r for r in rows):
         raise CheckFailed("no contender ran: " + figures["summary"])
     return figures

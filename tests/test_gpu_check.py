@@ -39,6 +39,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert positive(rows[("baseline", "jax")]["x_torch_eager"])
     assert [h["chunk_rows"] for h in s["step"]["head_chunks"]] == [32, 64]
     assert s["step"]["head_chunk_best"] in (32, 64)
+    assert [e["eval_rows"] for e in s["step"]["eval_rows"]] == [1, 2]  # batch_size 2: the whole
+    assert all(e["batch_ms"] > 0 for e in s["step"]["eval_rows"])
 
     h = s["harness"]
     assert h["steps"] == 20 and all(positive(h[k]) for k in

@@ -270,6 +270,8 @@ def test_resume_on_other_data_is_refused(tmp_path, prep):
     with pytest.raises(checkpoint.CheckpointError, match=r"trained on other data.*other.pt"):
         checkpoint.check_resumable(tmp_path, {"baseline": small()}, "b" * 64, "other.pt")
     checkpoint.check_resumable(tmp_path, {"baseline": small()}, "a" * 64, "same.pt")  # same data
+    with pytest.raises(checkpoint.CheckpointError, match=r"another config \(segmentation"):
+        checkpoint.check_resumable(tmp_path, {"baseline": small(segmentation="chunks")}, "a" * 64)
 
 
 def test_final_evaluation_of_zero_batches_is_every_held_out_batch(tmp_path, prep):
