@@ -36,8 +36,12 @@ def compiled_eval(rows: int, state, batch):
     """eval_step traced with R rows of logits at a time (on whichever platform runs it)."""
     saved = losses.EVAL_ROWS, losses.ACCEL_EVAL_ROWS
     losses.EVAL_ROWS = losses.ACCEL_EVAL_ROWS = rows
+
+    def eval_step(state, batch):  # a new function each time: jit reuses a function's trace
+        return train.eval_step.__wrapped__(state, batch)
+
     try:
-        return jax.jit(train.eval_step.__wrapped__).lower(state, batch).compile()
+        return jax.jit(eval_step).lower(state, batch).compile()
     finally:
         losses.EVAL_ROWS, losses.ACCEL_EVAL_ROWS = saved
 

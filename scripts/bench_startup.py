@@ -11,14 +11,14 @@ cache is shared by all runs and warmed first, so compile times are alike):
   warm      the second run: the cache entry memory-mapped and verified
   no-cache  --no-cache: torch.load and the checks, every run
   prepared  --data on a folder written by scripts/prepare_data.py (timed too)
-and, once, `corpus`: the same run on the embedded default corpus, and
-`interpreter`: a process that imports JAX and the library and runs one tiny
-step, whose peak RSS is what every run pays before any data.
+and, once, `corpus`: the same run on the embedded default corpus (98k tokens),
+whose peak RSS is what every run pays before any data: the interpreter, JAX,
+the library, the compiled programs.
 
 Per run: start-up (process start to the first step's dispatch, compilation
 excluded: the moment the run prints "step program traced and compiled in X s",
 less X), compile seconds, total wall seconds, peak RSS (wait4's ru_maxrss, the
-process and its waited-for children) and its excess over the interpreter,
+process and its waited-for children) and its excess over the corpus run,
 against the issue 18 target of 2 x N x 4 bytes for N tokens (with the cache).
 Also each run's own phase line (data, segment, compile, train, final_eval,
 outputs), and a check that every long phase printed its line. The modes run a
@@ -60,17 +60,32 @@ MODES = ("cold", "warm", "no-cache", "prepared")
 PHASE_LINES = {"data": r"^data: .* read and checked in", "segment": r"split and segmented in",
                "compile": r"step program traced and compiled in", "final_eval": r"final evaluation",
                "phases": r"^\s+baseline\s+\S+; data "}
-INTERPRETER = """
-import jax, numpy as np, sys, tensorboardX, torch
-from minigpt_jax import (checkpoint, config, data, evaluation, loop, metrics, parallel, plots,
-                         report, runner, sources, tables, token_cache, train)
-import torch_compat
-c = config.Config(**config.parse_overrides(sys.argv[1:]))
-state = train.create_state(c)
-batch = np.zeros((c.batch_size, c.seq_len), np.int32)
-state, m = train.train_step(state, batch, jax.random.key(0))
-jax.block_until_ready(m)
+# The data phase alone, in a fresh process: runner.load_data with and without the token cache
+LOAD = """
+import sys, time
+from minigpt_jax import runner
+t = time.perf_counter()
+runner.load_data(sys.argv[1], [50257], cache=sys.argv[2] == "cold")
+print(f"load {time.perf_counter() - t:.3f}")
 """
+
+
+def load_rounds(pt: pathlib.Path, env: dict, work: pathlib.Path, rounds: int) -> dict:
+    """The first read with the cache (cold: torch.load, checks, the entry written) against
+    --no-cache's, alternated in fresh processes, each cold one with an empty cache ->
+    {"cold": [s, ...], "no-cache": [s, ...]}."""
+    times = {"cold": [], "no-cache": []}
+    for i in range(rounds):
+        for mode in times:
+            cache = work / f"load-cache-{i}"
+            r = measure([sys.executable, "-c", LOAD, str(pt), mode],
+                        {**env, "XDG_CACHE_HOME": str(cache)})
+            shutil.rmtree(cache, ignore_errors=True)
+            got = [ln for _, ln in r["lines"] if ln.startswith("load ")]
+            if r["rc"] != 0 or not got:
+                benchlib.fail(PROG, f"loading {pt} ({mode}) failed: {r['lines'][-1:]}")
+            times[mode].append(float(got[-1].split()[1]))
+    return times
 
 
 def parse_size(text: str) -> int:
@@ -91,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="10M,100M", help="token counts, comma-separated"
                    " (k, M, G suffixes; default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="--max-steps of each run (default: 10)")
+    p.add_argument("--load-rounds", type=int, default=3, help="alternated rounds of the data"
+                   " phase alone, cold vs --no-cache, in fresh processes (default: %(default)s)")
     p.add_argument("--no-smoke", action="store_true", help="leave out the smoke runs: baseline"
                    " with every default as shipped, on the corpus and on each size, cached")
     p.add_argument("--data-dir", default=str(pathlib.Path(tempfile.gettempdir()) / "bench_startup"),
@@ -130,13 +147,11 @@ def users_pt(tokens: int, folder: pathlib.Path) -> pathlib.Path:
     return file
 
 
-def prepared_dir(pt: pathlib.Path, env: dict) -> tuple[pathlib.Path, float]:
-    """pt's folder prepared by scripts/prepare_data.py (once) -> (folder, seconds it took)."""
-    out = pt.parent / "prepared"
+def prepared_dir(pt: pathlib.Path, out: pathlib.Path, env: dict) -> tuple[pathlib.Path, float]:
+    """pt prepared into the new folder out by scripts/prepare_data.py -> (out, seconds)."""
     t = time.perf_counter()
-    if not (out / "sequences.bin").is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), str(pt), str(out)],
-                       check=True, env=env)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), str(pt), str(out)],
+                   check=True, env=env)
     return out, time.perf_counter() - t
 
 
@@ -206,14 +221,20 @@ def bench_size(tokens: int, args, sets: list[str], base_env: dict, work: pathlib
     cache = work / f"cache-{tokens}"
     env = {**base_env, "XDG_CACHE_HOME": str(cache)}
     shutil.rmtree(cache / "minigpt_jax" / "tokens", ignore_errors=True)  # the first run is cold
+    with open(pt, "rb") as f:  # the file in the OS page cache for every mode alike, the first too
+        while f.read(1 << 24):
+            pass
     runs = {}
     for mode in MODES:
         extra, data = (["--no-cache"] if mode == "no-cache" else []), pt.parent
         if mode == "prepared":
-            data, seconds = prepared_dir(pt, env)
+            data, seconds = prepared_dir(pt, work / f"prepared-{tokens}", env)
             runs["prepare_data.py"] = seconds
         runs[mode] = run_py(data, extra, sets, args.steps, env, work / "out")
         _progress(f"{tokens:,} tokens, {mode}", runs[mode])
+    runs["load"] = load_rounds(pt, env, work, args.load_rounds)
+    print(f"{PROG}: {tokens:,} tokens, data load alone, cold vs --no-cache: {runs['load']}",
+          file=sys.stderr)
     if not args.no_smoke:  # issue 18's smoke target: baseline, every default as shipped, cached
         runs["smoke"] = run_py(pt.parent, [], args.overrides, args.steps, env, work / "out")
         _progress(f"{tokens:,} tokens, smoke run (shipped defaults, cached)", runs["smoke"])
@@ -227,12 +248,13 @@ def _progress(what: str, r: dict) -> None:
 
 # --- the table ---------------------------------------------------------------------------
 
-def table(results: dict, interp: dict, corpus: dict, smoke: dict | None) -> list[str]:
-    base = interp["rss"]
-    out = [f"Interpreter + JAX + the library and what a run imports (orbax, tensorboardX,"
-           f" matplotlib, torch) + one tiny step: peak RSS {base / 2**20:,.0f} MiB; run on the embedded corpus: start-up {benchlib.fmt(corpus['startup'], '.1f')} s,"
-           f" wall {corpus['wall']:.1f} s, peak RSS {corpus['rss'] / 2**20:,.0f} MiB.", "",
-           "| tokens | run | start-up s | compile s | wall s | peak RSS MiB | above interpreter MiB"
+def table(results: dict, corpus: dict, smoke: dict | None) -> list[str]:
+    base = corpus["rss"]
+    out = [f"The same run on the embedded corpus (98k tokens): start-up"
+           f" {benchlib.fmt(corpus['startup'], '.1f')} s, wall {corpus['wall']:.1f} s, peak RSS"
+           f" {base / 2**20:,.0f} MiB (the interpreter, JAX, the library and the compiled"
+           " programs: the base every run pays before any data).", "",
+           "| tokens | run | start-up s | compile s | wall s | peak RSS MiB | above the corpus run MiB"
            " | target 2xNx4 MiB | phases (s) |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for tokens, runs in results.items():
@@ -250,10 +272,15 @@ def table(results: dict, interp: dict, corpus: dict, smoke: dict | None) -> list
         above = (warm["rss"] - base) / (2 * tokens * 4)
         gaps = sorted({k for m in MODES for k in runs[m]["missing"]})
         out.append(f"- {tokens / 1e6:,.0f}M: cold / warm start-up"
-                   f" {_ratio(cold['startup'], warm['startup'])}; warm RSS above the interpreter"
+                   f" {_ratio(cold['startup'], warm['startup'])}; warm RSS above the corpus run"
                    f" {100 * above:.0f}% of 2xNx4; warm wall {warm['wall'] - corpus['wall']:+.1f} s"
                    f" vs the corpus run; prepare_data.py {runs['prepare_data.py']:.1f} s;"
                    f" phase lines missing: {', '.join(gaps) or 'none'}")
+        load = runs["load"]
+        out.append(f"- {tokens / 1e6:,.0f}M: the data phase alone (runner.load_data in fresh"
+                   f" processes, alternated): cold {_seconds(load['cold'])}, --no-cache"
+                   f" {_seconds(load['no-cache'])}; median cold / no-cache"
+                   f" {benchlib.median(load['cold']) / benchlib.median(load['no-cache']):.2f}x")
         if smoke is not None and "smoke" in runs:
             r = runs["smoke"]
             out.append(f"- {tokens / 1e6:,.0f}M: {args_steps(r)}-step smoke run at baseline, every default"
@@ -261,6 +288,10 @@ def table(results: dict, interp: dict, corpus: dict, smoke: dict | None) -> list
                        f" embedded corpus, {r['wall'] - smoke['wall']:+.1f} s (target at most +60 s);"
                        f" {_phases(r)}")
     return out
+
+
+def _seconds(xs: list[float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in xs) + " s"
 
 
 def _phases(r: dict) -> str:
@@ -284,9 +315,6 @@ def main(argv=None) -> int:
                                          if pathlib.Path(args.data_dir).is_dir() else None))
     base_env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(work / "xla")}
     try:
-        interp = measure([sys.executable, "-c", INTERPRETER, *sets], base_env)
-        if interp["rc"] != 0:
-            benchlib.fail(PROG, "the interpreter baseline failed: " + interp["lines"][-1][1])
         env = {**base_env, "XDG_CACHE_HOME": str(work / "cache-corpus")}
         run_py(None, [], sets, args.steps, env, work / "out")  # warms the compilation cache
         corpus = run_py(None, [], sets, args.steps, env, work / "out")
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
              f" {machine['versions']}) by `{benchlib.command_line(PROG, argv)}`;"
              f" runs: `scripts/run.py --only baseline --max-steps {args.steps}"
              f" {' '.join('--set ' + s for s in sets)}`.", "",
-             *table(results, interp, corpus, smoke), end]
+             *table(results, corpus, smoke), end]
     print("\n".join(lines[1:-1]))
     benchlib.write_section(pathlib.Path(args.out), lines)
     return 0
