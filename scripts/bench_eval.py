@@ -76,10 +76,8 @@ def main(argv=None) -> int:
         {r: functools.partial(timed, fn, state, batches, args.steps) for r, fn in fns.items()},
         args.rounds)
     best = min(rows, key=lambda r: benchlib.median(times[r]))
-    machine = benchlib.describe_machine(tuned=False)
     begin, end = benchlib.section_marks(SECTION)
-    lines = [begin, f"Measured {time.strftime('%Y-%m-%d')} on {machine['host']} ({machine['kind']},"
-             f" {machine['versions']}) by `{benchlib.command_line(PROG, argv)}`: one (batch_size"
+    lines = [begin, f"{benchlib.measured(PROG, argv)}: one (batch_size"
              f" {c.batch_size}, seq_len {c.seq_len}) evaluation batch at width {c.embed_dim},"
              f" median of {args.rounds} interleaved rounds of {args.steps}.", "",
              "| rows of logits at a time | ms per batch | vs fastest |", "|---:|---:|---:|"]

@@ -326,10 +326,8 @@ def main(argv=None) -> int:
         results = {t: bench_size(t, args, sets, base_env, work) for t in args.tokens}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    machine = benchlib.describe_machine(tuned=False)
     begin, end = benchlib.section_marks(SECTION)
-    lines = [begin, f"Measured {time.strftime('%Y-%m-%d')} on {machine['host']} ({machine['kind']},"
-             f" {machine['versions']}) by `{benchlib.command_line(PROG, argv)}`;"
+    lines = [begin, f"{benchlib.measured(PROG, argv)};"
              f" runs: `scripts/run.py --only baseline --max-steps {args.steps}"
              f" {' '.join('--set ' + s for s in sets)}`.", "",
              *table(results, corpus, smoke), end]

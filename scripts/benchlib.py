@@ -57,6 +57,13 @@ def command_line(prog: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"scripts/{prog}", *(sys.argv[1:] if argv is None else argv)])
 
 
+def measured(prog: str, argv: list[str] | None) -> str:
+    """A section's first words: when, on what, by which command."""
+    m = describe_machine(tuned=False)
+    return (f"Measured {time.strftime('%Y-%m-%d')} on {m['host']} ({m['kind']}, {m['versions']})"
+            f" by `{command_line(prog, argv)}`")
+
+
 # --- the machine -------------------------------------------------------------------------
 
 def describe_machine(tuned: bool) -> dict:
