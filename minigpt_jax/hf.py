@@ -148,7 +148,7 @@ def init_from(
             mine, theirs = getattr(c, f), getattr(model, f)
             if mine != getattr(BASELINE, f) and mine != theirs:
                 raise HFError(
-                    f"--init-from {hf_dir}: experiment {name} sets {f}={mine}, the model has"
+                    f"{hf_dir}: experiment {name} sets {f}={mine}, the model has"
                     f" {f}={theirs}; expected experiments that leave the model's shape to the"
                     " folder (e.g. --only baseline)"
                 )

@@ -260,9 +260,8 @@ def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
 
     try:
         configs, params, notes = hf.init_from(hf_dir, p.configs, read_bin)
-    except hf.HFError as e:
-        text = str(e)
-        raise hf.HFError(text if text.startswith("--init-from") else f"--init-from {text}") from None
+    except hf.HFError as e:  # every HFError of a folder starts with the folder's path
+        raise hf.HFError(f"--init-from {e}") from None
     experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))
                    for name, (_, text) in p.experiments.items()}
     return Plan(experiments, p.max_steps), params, notes
@@ -270,12 +269,12 @@ def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
 
 def _export_hf(out: pathlib.Path, r, seqs, command) -> None:
     """<out>/hf/<name>/: the experiment as a GPT2LMHeadModel folder, or one line why not."""
+    import jax
+
     from minigpt_jax import hf
 
     if r.state is None:
         return
-    import jax
-
     try:
         card = hf.run_card(r.name, r.rows, r.val_rows, data=seqs.describe(), command=command,
                            status=r.status)

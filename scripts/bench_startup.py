@@ -204,7 +204,6 @@ def run_py(data: pathlib.Path | None, extra: list[str], sets: list[str], steps: 
     for s in sets:
         cmd += ["--set", s]
     r = measure(cmd, env)
-    r["cmd"] = cmd
     shutil.rmtree(out, ignore_errors=True)
     if r["rc"] != 0:
         tail = "\n".join(ln for _, ln in r["lines"][-5:])
@@ -248,7 +247,7 @@ def _progress(what: str, r: dict) -> None:
 
 # --- the table ---------------------------------------------------------------------------
 
-def table(results: dict, corpus: dict, smoke: dict | None) -> list[str]:
+def table(results: dict, corpus: dict, smoke: dict | None, steps: int) -> list[str]:
     base = corpus["rss"]
     out = [f"The same run on the embedded corpus (98k tokens): start-up"
            f" {benchlib.fmt(corpus['startup'], '.1f')} s, wall {corpus['wall']:.1f} s, peak RSS"
@@ -283,7 +282,7 @@ def table(results: dict, corpus: dict, smoke: dict | None) -> list[str]:
                    f" {benchlib.median(load['cold']) / benchlib.median(load['no-cache']):.2f}x")
         if smoke is not None and "smoke" in runs:
             r = runs["smoke"]
-            out.append(f"- {tokens / 1e6:,.0f}M: {args_steps(r)}-step smoke run at baseline, every default"
+            out.append(f"- {tokens / 1e6:,.0f}M: {steps}-step smoke run at baseline, every default"
                        f" as shipped, cached: wall {r['wall']:.1f} s vs {smoke['wall']:.1f} s on the"
                        f" embedded corpus, {r['wall'] - smoke['wall']:+.1f} s (target at most +60 s);"
                        f" {_phases(r)}")
@@ -297,11 +296,6 @@ def _seconds(xs: list[float]) -> str:
 def _phases(r: dict) -> str:
     """The run's phase line without its name and status."""
     return re.sub(r"^\S+\s+\S+;\s*", "", r["phases"]) or "-"
-
-
-def args_steps(r: dict) -> str:
-    m = re.search(r"--max-steps (\d+)", " ".join(r["cmd"]))
-    return m.group(1) if m else "?"
 
 
 def _ratio(a, b) -> str:
@@ -330,7 +324,7 @@ def main(argv=None) -> int:
     lines = [begin, f"{benchlib.measured(PROG, argv)};"
              f" runs: `scripts/run.py --only baseline --max-steps {args.steps}"
              f" {' '.join('--set ' + s for s in sets)}`.", "",
-             *table(results, corpus, smoke), end]
+             *table(results, corpus, smoke, args.steps), end]
     print("\n".join(lines[1:-1]))
     benchlib.write_section(pathlib.Path(args.out), lines)
     return 0
