@@ -424,8 +424,30 @@ def write_report(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str
     (label -> value), listed in the training setup.
     """
     out_dir = pathlib.Path(out_dir)
-    text = report_text(out_dir, results, prepared, source, run)
-    path = out_dir / FILE
+    return _write_page(out_dir / FILE, report_text(out_dir, results, prepared, source, run))
+
+
+def write_section(out_dir: pathlib.Path, heading: str, body: str) -> pathlib.Path:
+    """Put `## heading` with `body` into out_dir/report.md: replace that section where the page
+    has one (up to the next `## ` heading), else append it; a page that does not exist yet
+    starts with it. Studies (seeds, tuning, scaling) add their sections this way."""
+    path = pathlib.Path(out_dir) / FILE
+    text = path.read_text() if path.exists() else "# MiniGPT report\n"
+    section = f"## {heading}\n\n{body.strip()}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == f"## {heading}"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    return _write_page(path, text)
+
+
+def _write_page(path: pathlib.Path, text: str) -> pathlib.Path:
+    """report.md, and report.html beside it where markdown-it-py is importable, atomically."""
     files.atomic_write_bytes(path, text.encode())
     try:
         from markdown_it import MarkdownIt

@@ -206,3 +206,14 @@ def test_setup_shows_where_the_time_went(tmp_path):
     setup = text.split("## 3. Training setup and experiments")[1].split("## 4.")[0]
     assert "| experiment | data | segment | compile | train | final_eval | outputs |" in setup
     assert re.search(r"\| baseline \| 12\.3 \| 1\.5 \| 3\.0 \| 40\.0 \| 2\.0 \| 0\.5 \|", setup)
+
+
+def test_write_section_replaces_its_own_section_and_keeps_the_rest(tmp_path):
+    (tmp_path / report.FILE).write_text("# MiniGPT report\n\n## Results\n\nold\n\n## Setup\n\nkept\n")
+    report.write_section(tmp_path, "Results", "new body")
+    report.write_section(tmp_path, "Tuning", "study")
+    text = (tmp_path / report.FILE).read_text()
+    assert "old" not in text and "new body" in text and "kept" in text
+    assert text.index("## Results") < text.index("## Setup") < text.index("## Tuning")
+    report.write_section(tmp_path / "fresh", "Scaling", "law")
+    assert "## Scaling\n\nlaw" in (tmp_path / "fresh" / report.FILE).read_text()
