@@ -1,0 +1,106 @@
+"""The scaling study: scripts/scaling.py end to end on a tiny grid, --fit on a table, bad input."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minigpt_jax import runner, scaling
+from minigpt_jax import scaling_law as law
+
+pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+TINY = ["--widths", "16,24,32", "--depths", "1", "--heads", "2", "--tokens", "2k,4k,8k",
+        "--set", "batch_size=8", "--set", "eval_batches=2", "--set", "eval_final_batches=4",
+        "--set", "dropout=0.0", "--lr", "3e-3", "--resamples", "20"]
+OUTPUTS = ["scaling_table.csv", "scaling_table.txt", "scaling_fit.json", "report.md",
+           "scaling_loss_vs_tokens.png", "scaling_loss_vs_params.png", "scaling_isoloss.png"]
+
+
+def script(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "scaling.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("scaling_script", REPO / "scripts" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_a_table_recovers_known_constants(tmp_path):
+    rng = np.random.default_rng(1)
+    N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e9, 6), np.geomspace(1e8, 1e11, 5)))
+    L = law.loss([TRUE[k] for k in law.NAMES], N, D) * np.exp(rng.normal(0, 0.01, N.shape))
+    table = tmp_path / "runs.csv"
+    table.write_text("N,D,loss\n" + "".join(f"{n},{d},{v}\n" for n, d, v in zip(N, D, L)))
+    p = script("--fit", table, "--out", tmp_path / "fit", "--resamples", "100")
+    assert p.returncode == 0, p.stderr
+    fit = json.loads((tmp_path / "fit" / "scaling_fit.json").read_text())
+    for k, v in TRUE.items():
+        assert fit[k]["low"] <= v <= fit[k]["high"], (k, fit[k])
+    assert "held_out" in fit and len(fit["optimal"]) == 3
+    for name in OUTPUTS:
+        assert (tmp_path / "fit" / name).exists(), name
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--widths", "30", "--heads", "4"], "--widths 30: not divisible by --heads 4"),
+    (["--widths", ","], "--widths is empty"),
+    (["--widths", "16,16"], "--widths: 16 given twice"),
+    (["--count", "weights"], "--count 'weights'"),
+    (["--tokens", "5G"], "--tokens 5G: 5,000,000,000 tokens is larger than the data"),
+    (["--tokens", "2k,2.1k"], "both come to"),
+    (["--lr", "3e-3", "--tune-lr", "1e-3"], "not allowed with argument"),
+])
+def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch, args, match):
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "study"
+    try:
+        code = load_script().main([*args, "--out", str(out)])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and match in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_fit_refuses_a_table_of_one_shape(tmp_path, capsys):
+    table = tmp_path / "one.csv"
+    table.write_text("N,D,loss\n" + "".join(f"1e6,{d},3.0\n" for d in (1e8, 2e8, 4e8, 8e8, 2e9)))
+    assert load_script().main(["--fit", str(table), "--out", str(tmp_path / "o")]) == 2
+    assert "one value of N" in capsys.readouterr().err
+
+
+def test_tiny_study_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    p = script(*TINY, "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in OUTPUTS:
+        assert (out / name).exists(), name
+    rows = (out / "scaling_table.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9  # three shapes x three budgets
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "w16_d1_lr0.003", "w24_d1_lr0.003", "w32_d1_lr0.003"]
+    assert "## Scaling law" in (out / "report.md").read_text()
+    fit = json.loads((out / "scaling_fit.json").read_text())
+    assert set(law.NAMES) <= set(fit) and fit["count"] == "nonembed"
+    first = (out / "scaling_table.csv").read_text()
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("re-run trained again"))
+    (out / "scaling_table.csv").unlink()
+    assert load_script().main([*TINY, "--out", str(out)]) == 0
+    assert (out / "scaling_table.csv").read_text() == first
+
+
+def test_budgets_fall_on_evaluation_steps():
+    steps = scaling.budget_steps(["1k", "2k", "0.5ep"], 10_000, 100.0, 1, constant=True)
+    assert steps == [10, 20, 50] and scaling.eval_interval(steps) == 5
+    assert scaling.budget_steps(["1k", "3k"], 10_000, 90.0, 1, constant=False) == [11, 33]
