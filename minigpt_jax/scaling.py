@@ -124,9 +124,9 @@ def _number(text: str) -> str:
 
 
 def budget_steps(texts: Sequence[str], epoch_tokens: int, tokens_per_step: float,
-                 max_epochs: int, constant: bool) -> list[int]:
-    """Budgets -> training steps; with a constant lr rounded to multiples of one evaluation
-    interval (the smallest budget over EVALS_PER_SMALLEST). ScalingError for a budget larger
+                 max_epochs: int, constant: bool) -> tuple[list[int], int]:
+    """Budgets -> (training steps, evaluation interval); with a constant lr the steps are
+    multiples of the interval (the smallest budget over EVALS_PER_SMALLEST). ScalingError for a budget larger
     than the data or two that land on one step."""
     tokens = []
     for t in texts:
@@ -138,18 +138,14 @@ def budget_steps(texts: Sequence[str], epoch_tokens: int, tokens_per_step: float
                                " expected a smaller budget, more data or --set max_epochs")
         tokens.append(n)
     steps = [max(1, round(n / tokens_per_step)) for n in tokens]
+    every = max(1, min(steps) // EVALS_PER_SMALLEST)
     if constant:
-        every = max(1, min(steps) // EVALS_PER_SMALLEST)
         steps = [max(every, round(s / every) * every) for s in steps]
     for i, s in enumerate(steps):
         if s in steps[:i]:
             raise ScalingError(f"--tokens {texts[steps.index(s)]} and {texts[i]} both come to"
                                f" {s} steps; expected budgets at least one step apart")
-    return steps
-
-
-def eval_interval(steps: Sequence[int]) -> int:
-    return math.gcd(*steps)
+    return steps, every
 
 
 # --- the runs -------------------------------------------------------------------------------
@@ -222,14 +218,14 @@ def run_study(study: Study, out, data=None, devices=None) -> dict:
         cfg.BASELINE.replace(**{**study.overrides, **s.overrides()})
     epoch_tokens, per_step, epochs, base = _data_facts(study, data)
     constant = base.lr_schedule == "constant"
-    steps = budget_steps(study.budgets, epoch_tokens, per_step, epochs, constant)
+    steps, every = budget_steps(study.budgets, epoch_tokens, per_step, epochs, constant)
     rows = []
     for shape in tqdm(study.shapes, desc="scaling: shapes", unit="shape", file=sys.stderr):
         lr = (tune_lr(study, shape, out, min(steps), data, devices) if study.tune_lrs
               else study.lr if study.lr is not None else base.lr)
         ov = {**study.overrides, **shape.overrides(), "lr": lr}
         c = cfg.BASELINE.replace(**ov)
-        runs = ([(f"{shape.name}_lr{lr:g}", steps, {"eval_every": eval_interval(steps)})]
+        runs = ([(f"{shape.name}_lr{lr:g}", steps, {"eval_every": every})]
                 if constant else [(f"{shape.name}_lr{lr:g}_s{s}", [s], {}) for s in steps])
         for folder_name, at, extra in runs:
             folder = out / "runs" / folder_name

@@ -101,6 +101,6 @@ def test_tiny_study_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
 
 
 def test_budgets_fall_on_evaluation_steps():
-    steps = scaling.budget_steps(["1k", "2k", "0.5ep"], 10_000, 100.0, 1, constant=True)
-    assert steps == [10, 20, 50] and scaling.eval_interval(steps) == 5
-    assert scaling.budget_steps(["1k", "3k"], 10_000, 90.0, 1, constant=False) == [11, 33]
+    steps, every = scaling.budget_steps(["1.1k", "2k", "0.5ep"], 10_000, 100.0, 1, constant=True)
+    assert every == 5 and steps == [10, 20, 50]  # 11 steps rounds to an evaluation step
+    assert scaling.budget_steps(["1k", "3k"], 10_000, 90.0, 1, constant=False)[0] == [11, 33]
