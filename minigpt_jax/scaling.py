@@ -30,7 +30,6 @@ import re
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from minigpt_jax import config as cfg
@@ -126,8 +125,8 @@ def _number(text: str) -> str:
 def budget_steps(texts: Sequence[str], epoch_tokens: int, tokens_per_step: float,
                  max_epochs: int, constant: bool) -> tuple[list[int], int]:
     """Budgets -> (training steps, evaluation interval); with a constant lr the steps are
-    multiples of the interval (the smallest budget over EVALS_PER_SMALLEST). ScalingError for a budget larger
-    than the data or two that land on one step."""
+    multiples of the interval (the smallest budget over EVALS_PER_SMALLEST). ScalingError for
+    a budget larger than the data or two that land on one step."""
     tokens = []
     for t in texts:
         unit = epoch_tokens if t.endswith("ep") else SUFFIX[re.sub(r"[\d.e]", "", t)]

@@ -135,7 +135,8 @@ def _grid(logL) -> np.ndarray:
 def _screen(grid, logN, logD, logL, k: int) -> np.ndarray:
     """The k grid points of lowest objective, scored all at once."""
     e, a, alpha, b, beta = (grid[:, i, None] for i in range(5))
-    terms = np.stack([a - alpha * logN, b - beta * logD, np.broadcast_to(e, (len(grid), len(logN)))])
+    e = np.broadcast_to(e, (len(grid), len(logN)))
+    terms = np.stack([a - alpha * logN, b - beta * logD, e])
     r = _lse(terms) - logL
     scores = special.huber(HUBER_DELTA, r).sum(1)
     return grid[np.argsort(scores, kind="stable")[:k]]
@@ -145,7 +146,8 @@ def _minimise(starts, logN, logD, logL) -> tuple[np.ndarray, float]:
     best = None
     for x0 in starts:
         r = optimize.minimize(_objective, x0, args=(logN, logD, logL), jac=True, method="L-BFGS-B",
-                              bounds=BOUNDS, options={"maxiter": MAXITER, "ftol": 1e-13, "gtol": 1e-9})
+                              bounds=BOUNDS,
+                              options={"maxiter": MAXITER, "ftol": 1e-13, "gtol": 1e-9})
         if np.all(np.isfinite(r.x)) and (best is None or r.fun < best.fun):
             best = r
     return best.x, float(best.fun)
@@ -296,7 +298,8 @@ def read_table(path) -> dict[str, np.ndarray]:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as e:
-        raise FitError(f"--fit {path}: cannot read it ({e.strerror}); expected a CSV file") from None
+        raise FitError(f"--fit {path}: cannot read it ({e.strerror}); expected a CSV"
+                       " file") from None
     fields = set(rows[0]) if rows else set()
     missing = [k for k in ("N", "D", "loss") if k not in fields]
     if missing:
@@ -309,7 +312,8 @@ def read_table(path) -> dict[str, np.ndarray]:
         except (TypeError, ValueError):
             if k in ("N", "D", "loss"):
                 bad = next(r[k] for r in rows if not _is_number(r[k]))
-                raise FitError(f"--fit {path}: column {k} holds {bad!r}; expected numbers") from None
+                raise FitError(f"--fit {path}: column {k} holds {bad!r}; expected"
+                               " numbers") from None
     return out
 
 

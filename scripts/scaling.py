@@ -4,8 +4,9 @@ B/D^beta with bootstrap intervals, check a held-out prediction, state the comput
 
 Examples:
   python scripts/scaling.py --widths 16,32,64 --depths 1,2 --tokens 10k,20k,40k,80k
-  python scripts/scaling.py --widths 64,128,256 --depths 2,4 --tokens 0.1ep,0.3ep,1ep --tune-lr 3e-4,1e-3,3e-3
-  python scripts/scaling.py --fit other_runs.csv --out outcome/fit   # a table's N, D, loss; trains nothing
+  python scripts/scaling.py --widths 64,128,256 --depths 2,4 --tokens 0.1ep,0.3ep,1ep
+  python scripts/scaling.py --widths 32,64,128 --tokens 20k,40k,80k --tune-lr 3e-4,1e-3,3e-3
+  python scripts/scaling.py --fit other_runs.csv --out outcome/fit  # N, D, loss; trains nothing
 
 Writes under --out: runs/<shape>_lr<lr>/ (ordinary run folders), scaling_table.{csv,txt},
 scaling_fit.json, scaling_*.png and the "Scaling law" section of report.md. Re-running trains
