@@ -104,3 +104,45 @@ def test_budgets_fall_on_evaluation_steps():
     steps, every = scaling.budget_steps(["1.1k", "2k", "0.5ep"], 10_000, 100.0, 1, constant=True)
     assert every == 5 and steps == [10, 20, 50]  # 11 steps rounds to an evaluation step
     assert scaling.budget_steps(["1k", "3k"], 10_000, 90.0, 1, constant=False)[0] == [11, 33]
+
+
+def fake_runner(calls, lr_best=1e-3):
+    """runner.run writing only the held-out rows a known law gives: the study's bookkeeping
+    (folders, steps, evaluations, tuning) without training."""
+    from minigpt_jax import config as cfg
+
+    def run(experiments, *, out, overrides, sweeps=(), max_steps, data, devices, resume):
+        calls.append((pathlib.Path(out).name, max_steps, dict(overrides), sweeps))
+        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+        variants = [(f"lr_{t}", v) for t, v in sweeps[0][1]] if sweeps else [("baseline", None)]
+        for name, lr in variants:
+            c = cfg.BASELINE.replace(**overrides, **({"lr": lr} if lr else {}))
+            steps = sorted({*range(c.eval_every, max_steps + 1, c.eval_every), max_steps})
+            rows = [(s, s * c.batch_size * 60) for s in steps]
+            penalty = np.log(c.lr / lr_best) ** 2
+            at = [TRUE[k] for k in law.NAMES], law.non_embedding_params(c)
+            text = "step,tokens,val_loss,val_perplexity\n" + "".join(
+                f"{s},{t},{law.loss(*at, t) + penalty},0\n" for s, t in rows)
+            (pathlib.Path(out) / f"metrics_{name}_val.csv").write_text(text)
+        return []
+    return run
+
+
+def test_cosine_schedule_runs_each_budget_and_tune_lr_picks_the_best(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "run", fake_runner(calls))
+    study = scaling.Study(scaling.shapes([16, 32, 64], [1]), ("2k", "4k", "8k"),
+                          tune_lrs=(3e-4, 1e-3, 3e-3), resamples=10,
+                          overrides={"lr_schedule": "cosine", "batch_size": 8})
+    summary = scaling.run_study(study, tmp_path)
+    tuned = [c for c in calls if c[3]]
+    assert [c[0] for c in tuned] == ["w16_d1", "w32_d1", "w64_d1"]  # lr/<shape>/
+    trained = [c for c in calls if not c[3]]
+    assert len(trained) == 9 and {c[2]["lr"] for c in trained} == {1e-3}
+    steps = [c[1] for c in trained[:3]]  # one run per budget, each as long as its budget
+    assert [c[0] for c in trained[:3]] == [f"w16_d1_lr0.001_s{s}" for s in steps]
+    assert abs(steps[1] - 2 * steps[0]) <= 1 and abs(steps[2] - 4 * steps[0]) <= 2
+    assert summary["points"] == 9 and summary["count"] == "nonembed"
+    calls.clear()
+    scaling.run_study(study, tmp_path)  # everything on disk: nothing runs again
+    assert calls == []
