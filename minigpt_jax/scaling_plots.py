@@ -71,7 +71,9 @@ def isoloss_figure(rows, key, s) -> Figure:
     d_lo, d_hi = min(D.min(), *(o["D"] for o in opt)) / 3, max(D.max(), *(o["D"] for o in opt)) * 3
     gn, gd = np.meshgrid(np.geomspace(n_lo, n_hi, 120), np.geomspace(d_lo, d_hi, 120))
     L = law.loss(_constants(s), gn.ravel(), gd.ravel()).reshape(gn.shape)
-    cs = ax.contour(gn, gd, L, levels=12, cmap="viridis")
+    measured = [r["loss"] for r in rows]  # levels around the runs' losses, not the far corner's
+    levels = np.linspace(min(measured) * 0.95, max(measured) * 1.05, 10)
+    cs = ax.contour(gn, gd, L, levels=levels, cmap="viridis")
     ax.clabel(cs, fontsize="x-small", fmt="%.2f")
     ax.scatter(N, D, c="k", s=14, label="runs", zorder=3)
     f = s["flops_per_token"]
