@@ -43,9 +43,10 @@ def _g(v: float) -> str:
 
 def section(s: dict, rows: list[dict], figures: list[str]) -> str:
     """The report section's markdown from scaling_law.analyse's summary."""
-    n_label = "non-embedding parameters" if s["key"] == "N_nonembed" else "parameters"
+    n_label = {"nonembed": "non-embedding parameters (`--count nonembed`)",
+               "all": "all parameters (`--count all`)", "given": "the table's N"}[s["count"]]
     out = [f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {s['points']} points"
-           f" ({s['failed_points']} failed) with N = {n_label} (`--count {s['count']}`) and D ="
+           f" ({s['failed_points']} failed) with N = {n_label} and D ="
            " training tokens. Hoffmann et al. 2022's approach 3: Huber loss (delta 1e-3) of the"
            " log residuals, L-BFGS from a grid of starts; 95% percentile bootstrap over the"
            " points. Table: scaling_table.csv; constants: scaling_fit.json.", "",
