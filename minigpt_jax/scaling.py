@@ -212,6 +212,10 @@ def run_study(study: Study, out, data=None, devices=None) -> dict:
     out = pathlib.Path(out)
     if study.count not in COUNTS:
         raise ScalingError(f"--count {study.count!r}: expected one of {', '.join(COUNTS)}")
+    if len(study.shapes) < 2 or len(study.budgets) < 2 or \
+            len(study.shapes) * len(study.budgets) < law.MIN_POINTS:
+        raise ScalingError(f"{len(study.shapes)} shape(s) x {len(study.budgets)} budget(s);"
+                           f" expected at least two of each and {law.MIN_POINTS} points to fit")
     runner.check_out_dir(out)
     for s in study.shapes:  # the config's own checks, before any data or training
         cfg.BASELINE.replace(**{**study.overrides, **s.overrides()})
@@ -267,6 +271,8 @@ def analyse(rows: list[dict], out, count: str = "nonembed", resamples: int = 200
     scaling_report.write_table(out, rows)
     ok = [r for r in rows if math.isfinite(r["loss"]) and math.isfinite(r["D"])]
     key = "N_nonembed" if count == "nonembed" else "N"  # "given": a table's own N (--fit)
+    tqdm.write(f"scaling: fitting {len(ok)} points, {resamples} bootstrap resamples (twice, with"
+               " the held-out check)", file=sys.stderr)
     summary = law.analyse(ok, key, resamples, seed)
     summary["count"] = count
     summary["failed_points"] = len(rows) - len(ok)

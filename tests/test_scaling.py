@@ -57,9 +57,10 @@ def test_fit_a_table_recovers_known_constants(tmp_path):
     (["--widths", ","], "--widths is empty"),
     (["--widths", "16,16"], "--widths: 16 given twice"),
     (["--count", "weights"], "--count 'weights'"),
-    (["--tokens", "5G"], "--tokens 5G: 5,000,000,000 tokens is larger than the data"),
-    (["--tokens", "2k,2.1k"], "both come to"),
+    (["--tokens", "5k,5G"], "--tokens 5G: 5,000,000,000 tokens is larger than the data"),
+    (["--tokens", "2k,2.1k,8k"], "both come to"),
     (["--lr", "3e-3", "--tune-lr", "1e-3"], "not allowed with argument"),
+    (["--widths", "16", "--depths", "1"], "1 shape(s) x 3 budget(s); expected at least two"),
 ])
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch, args, match):
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("trained"))
