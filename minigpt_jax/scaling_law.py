@@ -12,8 +12,9 @@ the compute-optimal size. Pure functions over arrays and tables: nothing here tr
   log residuals, log L_hat - log L with log L_hat = LSE(a - alpha log N, b - beta log D, e), by
   L-BFGS (scipy.optimize) from a grid of starts, keeping the best. Every point of the grid is
   scored first (one array operation) and L-BFGS starts from the best `starts` of them.
-- Intervals: 95% percentile bootstrap (scipy.stats.bootstrap) over the table's rows, each
-  resample refitted from the full fit's optimum and the resample's best grid points.
+- Intervals: 95% percentile bootstrap (scipy.stats.bootstrap) over the runs (a run's points
+  resampled together: one run per shape gives several budgets), or over the points when there
+  are too few runs; each resample refitted from the full fit's optimum and its best grid start.
 - Refusals (FitError, one line): fewer than 5 points, one value of N, one value of D, a
   non-positive or non-finite value. Warnings: the optimum at the edge of the start grid, N or
   D spanning under 3x, an exponent whose interval is wider than itself.
@@ -35,6 +36,7 @@ from minigpt_jax.config import Config, num_params
 NAMES = ("E", "A", "alpha", "B", "beta")
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, approach 3
 MIN_POINTS = 5  # five constants
+MIN_RUNS = 6  # runs to resample as units; fewer leave too many resamples of one size
 MIN_SPAN = 3.0  # N or D spanning less than this factor leaves its exponent loosely identified
 # Hoffmann et al.'s grid for a, b and the exponents; e's is relative to the table's losses
 # (E is below the smallest loss), so the grid suits any loss scale.
@@ -94,7 +96,7 @@ class Fit:
         d = {k: {"value": self.values[k], "low": self.low[k], "high": self.high[k]} for k in NAMES}
         return {**d, "points": self.points, "warnings": list(self.warnings),
                 "method": "Hoffmann et al. 2022 approach 3: Huber (delta 1e-3) of log residuals,"
-                          " L-BFGS from a grid; 95% percentile bootstrap over rows"}
+                          " L-BFGS from a grid; 95% percentile bootstrap over runs (or points)"}
 
 
 def loss(constants, N, D) -> np.ndarray:
@@ -177,35 +179,46 @@ def check(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return N, D, L
 
 
-def fit(N, D, L, *, resamples: int = 200, starts: int = 16, seed: int = 0) -> Fit:
-    """Approach 3 on the points (N, D, L) with a percentile bootstrap over them; FitError
-    when they cannot identify the law (check)."""
+def fit(N, D, L, *, groups=None, resamples: int = 200, starts: int = 16, seed: int = 0) -> Fit:
+    """Approach 3 on the points (N, D, L) with a percentile bootstrap; FitError when they
+    cannot identify the law (check). groups: each point's run; with at least MIN_RUNS runs
+    the bootstrap resamples runs (a run's points together), else points (with a warning)."""
     N, D, L = check(N, D, L)
+    groups = np.arange(len(L)) if groups is None else np.asarray(groups)
     # L-BFGS-B's tiny BLAS calls slow down 50x when BLAS threads contend for busy cores
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit(N, D, L, resamples, starts, seed)
+        return _fit(N, D, L, groups, resamples, starts, seed)
 
 
-def _fit(N, D, L, resamples: int, starts: int, seed: int) -> Fit:
+def _fit(N, D, L, groups, resamples: int, starts: int, seed: int) -> Fit:
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
     grid = _grid(logL)
     theta, objective = _minimise(_screen(grid, logN, logD, logL, starts), logN, logD, logL)
     values = _constants(theta)
+    runs = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    notes = []
+    if len(runs) < MIN_RUNS:
+        notes.append(f"{len(runs)} runs, too few to resample: the bootstrap resamples points,"
+                     " treating a run's budgets as independent (intervals too narrow)")
+        runs = [np.array([i]) for i in range(len(L))]
 
-    def refit(idx):
-        idx = np.asarray(idx, int)
+    def refit(picked):
+        idx = np.concatenate([runs[int(i)] for i in picked])
         args = logN[idx], logD[idx], logL[idx]
+        if len(np.unique(args[0])) < 2 or len(np.unique(args[1])) < 2:
+            return np.full(5, np.nan)  # this resample cannot identify the law: left out
         x0 = np.vstack([theta, _screen(grid, *args, 1)])
         return _constants(_minimise(x0, *args)[0])
 
-    boot = stats.bootstrap((np.arange(len(L)),), refit, n_resamples=resamples,
+    boot = stats.bootstrap((np.arange(len(runs)),), refit, n_resamples=resamples,
                            method="percentile", vectorized=False, confidence_level=0.95,
                            random_state=np.random.default_rng(seed))
     reps = np.asarray(boot.bootstrap_distribution).T
+    reps = reps[np.isfinite(reps).all(1)]
     low, high = np.percentile(reps, 2.5, axis=0), np.percentile(reps, 97.5, axis=0)
     return Fit(dict(zip(NAMES, map(float, values))), dict(zip(NAMES, map(float, low))),
                dict(zip(NAMES, map(float, high))), reps,
-               warnings(theta, grid, N, D, low, high, values), len(L), objective)
+               notes + warnings(theta, grid, N, D, low, high, values), len(L), objective)
 
 
 def warnings(theta, grid, N, D, low, high, values) -> list[str]:
@@ -327,13 +340,14 @@ def _is_number(text) -> bool:
 
 # --- the whole analysis of a table ------------------------------------------------------------
 
-def held_out(N, D, L, resamples: int = 200, seed: int = 0) -> dict:
+def held_out(N, D, L, groups=None, resamples: int = 200, seed: int = 0) -> dict:
     """Fit without the largest N, predict its points -> rows of prediction, 95% interval and
     measured loss; {"refused": why} when the rest cannot identify the law."""
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     top = N == N.max()
+    groups = np.arange(len(N)) if groups is None else np.asarray(groups)
     try:
-        f = fit(N[~top], D[~top], L[~top], resamples=resamples, seed=seed)
+        f = fit(N[~top], D[~top], L[~top], groups=groups[~top], resamples=resamples, seed=seed)
     except FitError as e:
         return {"N": float(N.max()), "refused": str(e)}
     value, lo, hi = predict(f, N[top], D[top])
@@ -345,19 +359,20 @@ def held_out(N, D, L, resamples: int = 200, seed: int = 0) -> dict:
 
 
 def analyse(rows: list[dict], key: str = "N", resamples: int = 200, seed: int = 0) -> dict:
-    """Rows with `key` (N), D, loss and optionally C -> scaling_fit.json's content: the constants
-    with intervals, the held-out check and N*, D* for the study's compute budgets and 10x the
-    largest. C absent: C = 6 N D."""
+    """Rows with `key` (N), D, loss and optionally C and run -> scaling_fit.json's content: the
+    constants with intervals, the held-out check and N*, D* for the study's compute budgets
+    and 10x the largest. C absent: C = 6 N D; run absent: each row is its own run."""
     N = np.array([r[key] for r in rows], float)
     D = np.array([r["D"] for r in rows], float)
     L = np.array([r["loss"] for r in rows], float)
     C = np.array([r.get("C", math.nan) for r in rows], float)
-    f = fit(N, D, L, resamples=resamples, seed=seed)
+    groups = np.array([str(r.get("run", i)) for i, r in enumerate(rows)])
+    f = fit(N, D, L, groups=groups, resamples=resamples, seed=seed)
     flops = flops_model(N, C / D) if np.all(np.isfinite(C)) else (math.log(6.0), 1.0)
     C = C if np.all(np.isfinite(C)) else 6.0 * N * D
     budgets = sorted({float(C.min()), float(C.max()), 10.0 * float(C.max())})
     return {**f.to_json(), "objective": f.objective, "key": key,
             "flops_per_token": {"log_c0": flops[0], "c1": flops[1],
                                 "form": "F(N) = exp(log_c0) * N^c1, least squares over the runs"},
-            "held_out": held_out(N, D, L, resamples, seed),
+            "held_out": held_out(N, D, L, groups, resamples, seed),
             "optimal": optimal_table(f, budgets, flops)}

@@ -49,7 +49,8 @@ def section(s: dict, rows: list[dict], figures: list[str]) -> str:
            f" ({s['failed_points']} failed) with N = {n_label} and D ="
            " training tokens. Hoffmann et al. 2022's approach 3: Huber loss (delta 1e-3) of the"
            " log residuals, L-BFGS from a grid of starts; 95% percentile bootstrap over the"
-           " points. Table: scaling_table.csv; constants: scaling_fit.json.", "",
+           " runs (or the points, when the runs are too few: see the warnings). Table:"
+           " scaling_table.csv; constants: scaling_fit.json.", "",
            "| constant | value | 95% interval |", "|---|---|---|"]
     out += [f"| {k} | {_g(s[k]['value'])} | [{_g(s[k]['low'])}, {_g(s[k]['high'])}] |"
             for k in ("E", "A", "alpha", "B", "beta")]
@@ -70,10 +71,9 @@ def section(s: dict, rows: list[dict], figures: list[str]) -> str:
             "| C (FLOPs) | N* | 95% interval | D* | 95% interval |", "|---|---|---|---|---|"]
     out += [f"| {o['C']:.3g} | {_g(o['N'])} | [{_g(o['N_low'])}, {_g(o['N_high'])}] |"
             f" {_g(o['D'])} | [{_g(o['D_low'])}, {_g(o['D_high'])}] |" for o in s["optimal"]]
-    out += ["", "Caveats: the points of one shape share a run (constant lr), so they are not"
-                " independent and the bootstrap over points understates the spread; the"
-                " largest budget's loss is the final evaluation's larger sample; an untuned lr"
-                " biases the exponents (use `--tune-lr`); the law is extrapolated past 10x"
+    out += ["", "Caveats: with a constant lr a shape's budgets are points of one run, not"
+                " independent runs; the largest budget's loss is the final evaluation's larger"
+                " sample; an untuned lr biases the exponents (use `--tune-lr`); the law is extrapolated past 10x"
                 " at its own risk.", ""]
     out += [f"![{f}]({f})" for f in figures]
     return "\n".join(out)

@@ -48,6 +48,17 @@ def test_intervals_cover_the_truth_about_95_percent_of_the_time():
     assert covered >= 17, covered
 
 
+def test_bootstrap_resamples_runs_when_there_are_enough():
+    N, D, L = generated()  # six sizes: one run per size, its five budgets together
+    f = law.fit(N, D, L, groups=N, resamples=60)
+    assert not any("too few to resample" in w for w in f.warnings), f.warnings
+    for k in ("alpha", "beta"):
+        assert f.low[k] <= TRUE[k] <= f.high[k], (k, f.low[k], f.high[k])
+    few = N <= np.sort(np.unique(N))[2]  # three runs
+    g = law.fit(N[few], D[few], L[few], groups=N[few], resamples=10)
+    assert any(w.startswith("3 runs, too few to resample") for w in g.warnings), g.warnings
+
+
 def test_noiseless_law_is_recovered_exactly():
     f = law.fit(*generated(noise=0.0), resamples=5)
     for k in law.NAMES:
