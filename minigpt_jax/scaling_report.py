@@ -73,7 +73,7 @@ def section(s: dict, rows: list[dict], figures: list[str]) -> str:
             f" {_g(o['D'])} | [{_g(o['D_low'])}, {_g(o['D_high'])}] |" for o in s["optimal"]]
     out += ["", "Caveats: with a constant lr a shape's budgets are points of one run, not"
                 " independent runs; the largest budget's loss is the final evaluation's larger"
-                " sample; an untuned lr biases the exponents (use `--tune-lr`); the law is extrapolated past 10x"
-                " at its own risk.", ""]
+                " sample; an untuned lr biases the exponents (use `--tune-lr`); the law is"
+                " extrapolated past 10x at its own risk.", ""]
     out += [f"![{f}]({f})" for f in figures]
     return "\n".join(out)
