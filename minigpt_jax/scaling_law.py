@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import math
 import pathlib
+import warnings
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -210,18 +211,20 @@ def _fit(N, D, L, groups, resamples: int, starts: int, seed: int) -> Fit:
         x0 = np.vstack([theta, _screen(grid, *args, 1)])
         return _constants(_minimise(x0, *args)[0])
 
-    boot = stats.bootstrap((np.arange(len(runs)),), refit, n_resamples=resamples,
-                           method="percentile", vectorized=False, confidence_level=0.95,
-                           random_state=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # scipy's own interval of left-out (NaN) resamples: unused
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        boot = stats.bootstrap((np.arange(len(runs)),), refit, n_resamples=resamples,
+                               method="percentile", vectorized=False, confidence_level=0.95,
+                               random_state=np.random.default_rng(seed))
     reps = np.asarray(boot.bootstrap_distribution).T
     reps = reps[np.isfinite(reps).all(1)]
     low, high = np.percentile(reps, 2.5, axis=0), np.percentile(reps, 97.5, axis=0)
     return Fit(dict(zip(NAMES, map(float, values))), dict(zip(NAMES, map(float, low))),
                dict(zip(NAMES, map(float, high))), reps,
-               notes + warnings(theta, grid, N, D, low, high, values), len(L), objective)
+               notes + cautions(theta, grid, N, D, low, high, values), len(L), objective)
 
 
-def warnings(theta, grid, N, D, low, high, values) -> list[str]:
+def cautions(theta, grid, N, D, low, high, values) -> list[str]:
     """What makes the fit hard to trust: the optimum on or past the start grid's edge, too
     narrow a span of N or D, an exponent whose interval is wider than itself."""
     out = []
