@@ -307,7 +307,7 @@ def optimal_table(f: Fit, budgets, flops: tuple[float, float]) -> list[dict]:
 # --- tables ---------------------------------------------------------------------------------
 
 def read_table(path) -> dict[str, np.ndarray]:
-    """A CSV with columns N, D and loss (others kept if numeric, e.g. C) -> columns as arrays;
+    """A CSV with columns N, D and loss (others kept: C, run, ...) -> columns as arrays;
     FitError for a missing file, a missing column or a value that is not a number."""
     path = pathlib.Path(path)
     try:
@@ -330,6 +330,7 @@ def read_table(path) -> dict[str, np.ndarray]:
                 bad = next(r[k] for r in rows if not _is_number(r[k]))
                 raise FitError(f"--fit {path}: column {k} holds {bad!r}; expected"
                                " numbers") from None
+            out[k] = np.array([r[k] for r in rows], dtype=object)  # text: run, shape
     return out
 
 

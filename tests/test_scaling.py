@@ -94,6 +94,10 @@ def test_tiny_study_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
     assert "## Scaling law" in (out / "report.md").read_text()
     fit = json.loads((out / "scaling_fit.json").read_text())
     assert set(law.NAMES) <= set(fit) and fit["count"] == "nonembed"
+    refit = script("--fit", out / "scaling_table.csv", "--out", tmp_path / "refit",
+                   "--resamples", "5")  # the study's own table, read back: its runs group rows
+    assert refit.returncode == 0, refit.stderr[-2000:]
+    assert "3 runs, too few to resample" in refit.stderr
     first = (out / "scaling_table.csv").read_text()
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("re-run trained again"))
     (out / "scaling_table.csv").unlink()
