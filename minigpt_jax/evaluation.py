@@ -32,6 +32,7 @@ from minigpt_jax import data, stats
 from minigpt_jax.config import PAD_TOKEN_ID
 from minigpt_jax.train import eval_steps
 
+
 def _per_segment():
     return dataclasses.field(default=None, compare=False, repr=False)
 

@@ -96,6 +96,7 @@ class Result:
     final_eval: evaluation.Evaluation | None = None  # the end-of-run held-out evaluation
     phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (compile, train, ...)
     stacked: int = 1  # variants trained in one program with this one
+    experiment: str = ""  # the experiment this run is a seed of; "": its own name (one seed)
 
     @property
     def steps(self) -> int:

@@ -156,7 +156,12 @@ def paired_power(effect: float, n: int, alpha: float = ALPHA) -> float:
     `effect` standard deviations of the differences (the noncentral t, `scipy.stats.nct`)."""
     df, nc = n - 1, abs(effect) * math.sqrt(n)
     crit = sps.t.ppf(1 - alpha / 2, df)
-    return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        power = float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+    if not math.isfinite(power):  # scipy's nct fails far in the tail: its normal limit
+        power = float(sps.norm.sf(crit - nc) + sps.norm.cdf(-crit - nc))
+    return power
 
 
 def seeds_to_resolve(mean: float, std: float, power: float = POWER,
