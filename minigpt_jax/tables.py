@@ -91,6 +91,18 @@ def write_csv(path: pathlib.Path, rows: list[dict], fields: tuple[str, ...]) -> 
     atomic_write_bytes(path, csv_text(rows, fields).encode())
 
 
+def _md_cell(v) -> str:
+    """A Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(v).split()).replace("|", "\\|") or "-"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence], right=frozenset()) -> str:
+    """A Markdown table (report.md's); columns whose index is in `right` right-aligned."""
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    lines = [header, align, *[[_md_cell(c) for c in r] for r in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 # --- results table -----------------------------------------------------------
 
 def _missing(v) -> bool:
