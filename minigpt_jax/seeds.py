@@ -49,6 +49,13 @@ def several(results: Sequence) -> bool:
     return any(len(rs) > 1 for rs in groups(results).values())
 
 
+def curves(results: Sequence) -> dict[str, list[tuple]]:
+    """Experiment -> [(rows, val_rows) of each seed with rows]: what `plots.plot_comparison`
+    and `plots.plot_seeds` draw (one seed: as a single run)."""
+    out = {e: [(r.rows, r.val_rows) for r in rs if r.rows] for e, rs in groups(results).items()}
+    return {e: c for e, c in out.items() if c}
+
+
 def final_val(r) -> float | None:
     if r.final_eval is not None:
         return r.final_eval.loss
