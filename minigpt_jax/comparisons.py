@@ -116,10 +116,12 @@ def _ranking_over_seeds(results: Sequence, reference: str | None) -> list[str]:
         notes.append("Ranking by mean final validation loss, neighbours compared seed by seed"
                      " (≈: not resolved, paired t-test p ≥ 0.05): " + " ".join(order) + ". "
                      + " ".join(said))
+    said_pairs = {frozenset((a.name, b.name)) for a, b in zip(ranked, ranked[1:])}
     against = [verdict(e.name, ref, e.vs_reference) for e in exps
-               if e.vs_reference is not None and ref in runs]
+               if e.vs_reference is not None and ref in runs
+               and frozenset((e.name, ref)) not in said_pairs]
     if against:
-        notes.append(f"Against the reference, `{ref}`: " + " ".join(against))
+        notes.append(f"Against the reference, `{ref}` (the others): " + " ".join(against))
     return notes
 
 
@@ -174,8 +176,8 @@ def section(out_dir: pathlib.Path, results: Sequence, reference: str | None = No
                 for stem in ("loss", "perplexity")]
         figs = [f for f in figs if (pathlib.Path(out_dir) / f).is_file()]
         if figs:
-            out += ["Each experiment over its seeds (line: mean; band: min to max over seeds):",
-                    "", *[f"![{f[:-4]}]({urllib.parse.quote(f)})" for f in figs], ""]
+            out += [("Each experiment over its seeds (line: mean; band: min to max over seeds;"
+                     " each seed's own curves are loss_curve_<run>.png where written):"), "", *[f"![{f[:-4]}]({urllib.parse.quote(f)})" for f in figs], ""]
     sweeps = seeds.lr_sweeps(results)
     if sweeps:
         rows = [[", ".join(f"`{n}`" for n in s.experiments), " ".join(f"{lr:g}" for lr in s.lrs),

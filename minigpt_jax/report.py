@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from minigpt_jax import comparisons, data, files, model, optim, plots, tables
+from minigpt_jax import comparisons, data, files, model, optim, plots, seeds, tables
 from minigpt_jax.config import Config, num_params
 
 FILE = "report.md"
@@ -317,6 +317,8 @@ def results_section(out_dir: pathlib.Path, results, stacked: bool = False,
         out += ["### Comparison (x axis: label tokens seen)", ""]
         out += [f"![{f[:-4].replace('_', ' ')}]({_link(f)})" for f in plots] + [""]
     for r in results:
+        if len(seeds.groups(results)[seeds.experiment(r)]) > 1:
+            continue  # a seed of an experiment: its band is in Over seeds
         files = [f for f in (f"loss_curve_{r.name}.png", f"perplexity_curve_{r.name}.png")
                  if (out_dir / f).is_file()]
         out += [f"### {r.name}", ""]
