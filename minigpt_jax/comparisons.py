@@ -34,6 +34,10 @@ def _interval(d: stats.Paired) -> str:
     return f"95% CI {d.mean - d.ci95:+.4f} to {d.mean + d.ci95:+.4f}"
 
 
+def _difference(a: str, b: str, d: stats.Paired) -> str:
+    return f"{a} − {b}: {_interval(d)}"
+
+
 def verdict(a: str, b: str, d: stats.Paired, what: str = "final validation loss",
             over: str = "seeds") -> str:
     """One sentence on a minus b (`d`), chosen by the numbers: a significant difference with
@@ -47,7 +51,7 @@ def verdict(a: str, b: str, d: stats.Paired, what: str = "final validation loss"
     paired = (f"{d.n} paired seeds" if over == "seeds" else
               f"{d.n:,} held-out segments, paired" if d.n else
               "two unpaired standard errors: different held-out segments")
-    numbers = f"{_interval(d)}, {p_text(d.p)}; {paired}"
+    numbers = f"{_difference(a, b, d)}, {p_text(d.p)}; {paired}"
     if d.significant:
         side = "lower (better)" if d.mean < 0 else "higher (worse)"
         return f"`{a}` is {side} than `{b}` by {abs(d.mean):.4f} in {what} ({numbers})."

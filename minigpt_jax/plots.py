@@ -280,13 +280,15 @@ def seeds_figures(name: str, runs: Sequence[tuple]) -> dict[str, Figure]:
         b = _over_seeds(runs, key, vkey, log, "step", window)
         fig, ax = _new_axes(f"{name}: {stem}, {len(runs)} seeds", "step", ylabel, log)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
-        ax.plot(b["x"], show(b["y"]), color="C0", lw=0.7, alpha=0.35,
-                label=f"train {stem}, per step, mean of {len(runs)} seeds")
-        _draw_seeds(ax, b, "C0", show, f"train {stem}, centred moving average ({window} steps),"
-                    " mean of seeds", f"validation {stem}, mean (bars: min to max)")
-        ax.add_artist(ax.legend(loc="upper right", fontsize=9))
-        ax.legend(handles=[Patch(color="C0", alpha=0.2, label=_BAND)], loc="upper center",
-                  fontsize=8)
+        if window > 1:
+            ax.plot(b["x"], show(b["y"]), color="C0", lw=0.7, alpha=0.35,
+                    label=f"train {stem}, per step, mean of {len(runs)} seeds")
+        line = (f"train {stem}, centred moving average ({window} steps), mean of seeds"
+                if window > 1 else f"train {stem}, per step, mean of {len(runs)} seeds")
+        _draw_seeds(ax, b, "C0", show, line, f"validation {stem}, mean (bars: min to max)")
+        handles = ax.get_legend_handles_labels()[0]
+        ax.legend(handles=[*handles, Patch(color="C0", alpha=0.2, label=_BAND)],
+                  loc="upper right", fontsize=9)
         late, vlate = b["x"] > _head_end(b["x"]), b["vx"] > _head_end(b["x"])
         _set_y(ax, log, [b["hi"][late], b["vhi"][vlate]], [b["lo"], b["vlo"]],
                np.max(_finite(b["sm"]), initial=-np.inf), b["bad"])

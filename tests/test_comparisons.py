@@ -20,7 +20,8 @@ def test_a_significant_difference_carries_its_interval_and_p_value():
     text = comparisons.verdict("n_layers_1", "baseline", d)
     lo, hi = d.mean - d.ci95, d.mean + d.ci95
     assert text == (f"`n_layers_1` is higher (worse) than `baseline` by {d.mean:.4f} in final"
-                    f" validation loss (95% CI {lo:+.4f} to {hi:+.4f}, p = 0.047; 3 paired"
+                    f" validation loss (n_layers_1 − baseline: 95% CI {lo:+.4f} to {hi:+.4f},"
+                    " p = 0.047; 3 paired"
                     " seeds).")
 
 
@@ -30,7 +31,7 @@ def test_a_difference_within_the_seeds_noise_says_how_many_seeds_would_resolve_i
     text = comparisons.verdict("batch_size_16", "lr_1e-3", d)
     n = stats.seeds_to_resolve(d.mean, d.std)
     assert text.startswith(f"`batch_size_16` and `lr_1e-3` differ by {d.mean:+.4f} in final"
-                           " validation loss (95% CI ")
+                           " validation loss (batch_size_16 − lr_1e-3: 95% CI ")
     assert f"p = {d.p:.3f}; 3 paired seeds): within the seeds' noise;" in text
     assert f"about {n} seeds would resolve a difference this size (80% power at p < 0.05" in text
     assert "better" not in text and "lower" not in text

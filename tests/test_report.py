@@ -196,11 +196,11 @@ def test_ranking_says_within_noise_when_the_held_out_test_does_not_resolve_it():
     # no per-segment losses: unpaired, se hypot(0.02, 0.02); a-b 0.02 apart: p 0.48, tied;
     # b-c 0.38 apart: ordered, with its interval and p-value
     assert "`a` ≈ `b` < `c`" in notes
-    assert ("`a` and `b` differ by -0.0200 in final validation loss (95% CI -0.0754 to +0.0354,"
+    assert ("`a` and `b` differ by -0.0200 in final validation loss (a − b: 95% CI -0.0754 to +0.0354,"
             " p = 0.480; two unpaired standard errors: different held-out segments): within the"
             " held-out sample's noise.") in notes
     assert "over 5,000 held-out label tokens (100 segments), standard error 0.0200" in notes
-    assert ("`b` is lower (better) than `c` by 0.3800 in final validation loss (95% CI -0.4354 to"
+    assert ("`b` is lower (better) than `c` by 0.3800 in final validation loss (b − c: 95% CI -0.4354 to"
             " -0.3246, p < 0.001;") in notes
 
 
