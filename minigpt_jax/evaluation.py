@@ -97,12 +97,8 @@ def evaluate(state, device_groups: Iterable, progress: tqdm | None = None) -> Ev
     return summarize(np.concatenate(sums, axis=None), np.concatenate(counts, axis=None))
 
 
-def evaluate_batches(state, batches: list[np.ndarray], place, group: int, desc: str | None = None,
-                     position: int = 0) -> Evaluation:
-    """Evaluate `state` over host batches, `group` per dispatch; a progress bar when `desc`."""
-    bar = tqdm(total=len(batches), desc=desc, unit="batch", position=position, leave=False,
-               dynamic_ncols=True, disable=desc is None)
-    try:
-        return evaluate(state, groups(batches, place, group), bar)
-    finally:
-        bar.close()
+def evaluate_batches(state, batches: list[np.ndarray], place, group: int,
+                     progress: tqdm | None = None) -> Evaluation:
+    """Evaluate `state` over host batches, `group` per dispatch; `progress` (a bar the caller
+    owns, placed where it likes) advances by batch."""
+    return evaluate(state, groups(batches, place, group), progress)

@@ -111,4 +111,8 @@ def evaluate(
     state = place.put(
         create_state(config.replace(lr_schedule="constant"), params)
     )  # no schedule needed
-    return evaluation.evaluate_batches(state, batches, place, config.eval_batches, desc)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+              disable=desc is None) as bar:
+        return evaluation.evaluate_batches(state, batches, place, config.eval_batches, bar)
