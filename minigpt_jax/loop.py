@@ -69,6 +69,7 @@ class Experiment:
     overrides: str = ""  # human-readable overrides, for the results table
     params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
     data_id: str = ""  # the data's fingerprint (sources.Sequences), recorded in checkpoints
+    experiment: str = ""  # the experiment this run is one seed of ("": the run is the experiment)
 
     def __post_init__(self):  # the one check that the batch splits over the devices
         if isinstance(self.devices, jax.Device):
@@ -98,6 +99,7 @@ class Result:
     final_eval: evaluation.Evaluation | None = None  # the end-of-run held-out evaluation
     phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (compile, train, ...)
     stacked: int = 1  # variants trained in one program with this one
+    experiment: str = ""
 
     @property
     def steps(self) -> int:
@@ -286,12 +288,16 @@ class _Run:
         """At a block boundary whose metrics were read: evaluations, checkpoints, the end of
         lanes, a stop."""
         saving = None  # the lanes' states for saving, made once for all
-        for v, lane in enumerate(self.lanes):
-            if not (lane.live and step <= lane.total):
-                continue
+        due = [v for v, lane in enumerate(self.lanes) if lane.live and step <= lane.total]
+        finals = [v for v in due if ending[v] and len(self.lanes[v].prepared.val)]
+        if finals:
+            self.final_evaluations(state, finals, step)
+        for v in due:
+            lane = self.lanes[v]
             c = lane.exp.config
-            if len(lane.prepared.val) and (ending[v] or step % c.eval_every == 0):
-                self.validate(lane, self.program.lane(state, v), step, ending[v])
+            if len(lane.prepared.val) and not ending[v] and step % c.eval_every == 0:
+                e = evaluation.evaluate(self.program.lane(state, v), lane.sample)
+                self.write_eval(lane, step, e)
             if ckpt_due or ending[v]:
                 saving = self.program.for_saving(state) if saving is None else saving
                 lane.writer.flush()  # what a resume keeps of the metrics is on disk first
@@ -308,22 +314,27 @@ class _Run:
         if ckpt_due:
             self.last_ckpt = time.monotonic()
 
-    def validate(self, lane: _Lane, state, step: int, final: bool) -> None:
-        c = lane.exp.config
-        if final:
-            t = time.perf_counter()
-            batches = evaluation.final_batches(lane.prepared.val, c.eval_final_batches,
-                                               c.batch_size, c.seed)
-            bar = tqdm(total=len(batches), desc=f"{lane.name}: final evaluation", unit="batch",
-                       position=self.position, leave=False, dynamic_ncols=True,
-                       disable=not self.lead)
-            with bar:
-                e = evaluation.evaluate_batches(state, batches, self.program.place,
-                                                c.eval_batches, bar)
+    def final_evaluations(self, state, lanes: list[int], step: int) -> None:
+        """The end-of-run evaluation of the lanes ending at `step`, in one pass of the program
+        (a stack: one vmapped program for all of them), at most eval_final_batches each."""
+        t = time.perf_counter()
+        c = self.lanes[lanes[0]].exp.config  # batch size and eval_batches: shared (stackable)
+        batches = [evaluation.final_batches(self.lanes[v].prepared.val, ln.eval_final_batches,
+                                            ln.batch_size, ln.data_seed)
+                   for v in lanes for ln in [self.lanes[v].exp.config]]
+        name = self.lanes[lanes[0]].name if len(lanes) == 1 else f"{len(lanes)} lanes"
+        with tqdm(total=max(map(len, batches)), desc=f"{name}: final evaluation", unit="batch",
+                  position=self.position, leave=False, dynamic_ncols=True,
+                  disable=not self.lead) as bar:
+            got = self.program.evaluate(state, lanes, batches, c.eval_batches, bar)
+        seconds = (time.perf_counter() - t) / len(lanes)  # the pass's time, shared by its lanes
+        for v, e in zip(lanes, got):
+            lane = self.lanes[v]
             lane.final_eval = e
-            lane.phases["final_eval"] = time.perf_counter() - t
-        else:
-            e = evaluation.evaluate(state, lane.sample)
+            lane.phases["final_eval"] = seconds
+            self.write_eval(lane, step, e)
+
+    def write_eval(self, lane: _Lane, step: int, e: evaluation.Evaluation) -> None:
         lane.writer.write_scalars(step, {"val/tokens": lane.tokens, "val/loss": e.loss,
                                          "val/perplexity": e.perplexity})
 
@@ -402,7 +413,8 @@ def drive(experiments: list[Experiment], prepared: Sequence[data.Prepared], opts
         c = lane.exp.config
         if len(lane.prepared.val):
             lane.sample = list(evaluation.groups(data.eval_sample(
-                lane.prepared.val, c.eval_batches, c.batch_size, c.seed), place, c.eval_batches))
+                lane.prepared.val, c.eval_batches, c.batch_size, c.data_seed), place,
+                c.eval_batches))
     label = (f"{experiments[0].name} [{place.label}]" if len(lanes) == 1
              else f"stack of {len(lanes)} [{place.label}]")
     run = _Run(lanes, prog, step, max(p["seconds"] for p in progress), opts.position, lead, label)
@@ -434,7 +446,7 @@ def _results(lanes, prog, state, out_dir, lead, seconds) -> list[Result]:
         rows, val_rows = read_rows(out_dir, lane.name) if lead else ([], [])
         results.append(Result(lane.name, lane.exp.config, prog.place.label, rows, val_rows, seconds,
                               lane.status, lane.exp.overrides, devices, s, lane.final_eval,
-                              lane.phases, len(lanes)))
+                              lane.phases, len(lanes), lane.exp.experiment))
     return results
 
 

@@ -106,7 +106,8 @@ def evaluate(
     rows = segments(seqs, config, split)
     if max_batches is None:
         max_batches = config.eval_final_batches
-    batches = evaluation.final_batches(rows, max_batches, config.batch_size, config.seed)
+    batches = evaluation.final_batches(rows, max_batches, config.batch_size,
+                                           config.data_seed)
     place = Placement([device or jax.devices()[0]])
     state = place.put(
         create_state(config.replace(lr_schedule="constant"), params)

@@ -27,6 +27,8 @@ class RunOptions:
     stop: threading.Event | None = None  # set it: every experiment saves and stops at its next block
     fuse: bool | None = None  # a block as one fused dispatch (None: on accelerators, not the CPU)
     stack: bool = False  # experiments of one shape on one device train as one vmapped program
+    seeds_apart: bool = False  # an experiment's seeds one after another, not as one stack
+    reference: str | None = None  # the experiment others are compared with (default: baseline)
     concurrent: int = 1  # up to this many experiments at the same time on each device
     writers: Callable | None = None  # experiment -> extra metric writers (e.g. W&B), lead only
     on_result: Callable | None = None  # result -> None, as each experiment finishes (exports)

@@ -42,7 +42,12 @@ def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) 
     """
     stop, on_result, concurrent = opts.stop, opts.on_result, opts.concurrent
     results: dict[int, Result] = {}
-    groups = stacking.groups(experiments) if opts.stack else [[i] for i in range(len(experiments))]
+    if opts.stack:  # any experiments of one shape on one device
+        groups = stacking.groups(experiments)
+    elif not opts.seeds_apart:  # the seeds of one experiment
+        groups = stacking.groups(experiments, key=lambda e: e.experiment or e.name)
+    else:
+        groups = [[i] for i in range(len(experiments))]
     by_device: dict[tuple, list[list[int]]] = {}
     for g in groups:
         by_device.setdefault(experiments[g[0]].devices, []).append(g)
@@ -50,7 +55,8 @@ def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) 
 
     def failed(i: int, status: str) -> Result:
         e = experiments[i]
-        return Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides)
+        return Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides,
+                      experiment=e.experiment)
 
     def worker(device_groups: list[list[int]]) -> None:
         for g in device_groups:

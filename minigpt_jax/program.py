@@ -17,6 +17,7 @@ import abc
 import jax
 import numpy as np
 
+from minigpt_jax import evaluation
 from minigpt_jax.config import Config
 from minigpt_jax.placement import Placement
 from minigpt_jax.train import train_step, train_steps
@@ -56,6 +57,13 @@ class Program(abc.ABC):
     def put(self, host_state):
         """A host TrainState of one lane onto the program's placement."""
         return self.place.put(host_state)
+
+    def evaluate(self, state, lanes: list[int], batches: list[list[np.ndarray]], group: int,
+                 progress=None) -> list[evaluation.Evaluation]:
+        """Lanes `lanes`, each over its own host batches, `group` batches per dispatch -> one
+        Evaluation each (here one lane after another; a stack overrides it with one program)."""
+        return [evaluation.evaluate_batches(self.lane(state, v), b, self.place, group, progress)
+                for v, b in zip(lanes, batches)]
 
 
 class Plain(Program):

@@ -41,9 +41,14 @@ class RunError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The experiments to run: name -> (config, override text)."""
+    """The runs: name -> (config, override text); with several seeds, each run's experiment."""
 
     experiments: dict[str, tuple[cfg.Config, str]]
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)  # run -> its experiment
+
+    def experiment(self, run: str) -> str:
+        """The experiment a run belongs to ("" when it is one seed: the run is the experiment)."""
+        return self.groups.get(run, "")
 
     @property
     def configs(self) -> dict[str, cfg.Config]:
@@ -51,23 +56,43 @@ class Plan:
 
 
 def plan(experiments: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None,
-         sweeps: Sequence = (), override_text: str = "") -> Plan:
+         sweeps: Sequence = (), override_text: str = "", seeds: int = 1) -> Plan:
     """Everything that needs no JAX -> a Plan; RunError or ConfigError when it cannot run.
 
     experiments: names from config.EXPERIMENTS (default: all five, or baseline with sweeps).
-    sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...])."""
+    sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...]). seeds: each
+    experiment trained with seeds seed .. seed+seeds-1, as runs named <experiment>_seed<s>
+    (one seed: the experiment's own name, today's run)."""
     names = list(experiments) if experiments is not None else (["baseline"] if sweeps else list(cfg.EXPERIMENTS))
     if not names:
         raise RunError("no experiment given; valid: " + ", ".join(cfg.EXPERIMENTS))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RunError(f"experiments {', '.join(dupes)} given twice")
-    return Plan(cfg.plan(names, dict(overrides or {}), override_text, list(sweeps)))
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise RunError(f"--seeds {seeds!r}: expected a positive integer (1: one run per experiment)")
+    experiments = cfg.plan(names, dict(overrides or {}), override_text, list(sweeps))
+    if seeds == 1:
+        return Plan(experiments)
+    runs, groups = {}, {}
+    for name, (c, text) in experiments.items():
+        if c.seed + seeds - 1 >= 2**32:
+            raise RunError(f"--seeds {seeds}: {name}'s seeds {c.seed}..{c.seed + seeds - 1} leave"
+                           " [0, 2**32); expected a smaller seed or count")
+        for s in range(c.seed, c.seed + seeds):
+            runs[f"{name}_seed{s}"] = (c.replace(seed=s), ", ".join(filter(None, [text, f"seed={s}"])))
+            groups[f"{name}_seed{s}"] = name
+    return Plan(runs, groups)
 
 
-def check(opts: RunOptions) -> None:
+def check(opts: RunOptions, p: Plan | None = None) -> None:
     """RunError, before JAX starts, for options that cannot run: counts, the text mode, the
-    output folder."""
+    reference experiment (one of the plan's), the output folder."""
+    if p is not None and opts.reference is not None:
+        names = list(dict.fromkeys(p.experiment(r) or r for r in p.experiments))
+        if opts.reference not in names:
+            raise RunError(f"--reference {opts.reference}: not an experiment of this run;"
+                           f" expected one of {', '.join(names)}")
     m = opts.max_steps
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
         raise RunError(f"max_steps={m!r}: expected a positive integer")
@@ -186,11 +211,14 @@ def _check(plan_: Plan, seqs, opts: RunOptions) -> dict:
 
 
 def run(experiments: Sequence[str] | None = None, *, overrides: Mapping[str, Any] | None = None,
-        sweeps: Sequence = (), override_text: str = "", out=REPO_OUT, **options) -> list:
+        sweeps: Sequence = (), override_text: str = "", seeds: int = 1, out=REPO_OUT,
+        **options) -> list:
     """Train the experiments and write their outputs under `out` -> one loop.Result each.
 
     experiments: names from config.EXPERIMENTS (default: all five, or baseline with sweeps);
-    overrides: field -> value for every experiment; sweeps: config.parse_sweeps' output.
+    overrides: field -> value for every experiment; sweeps: config.parse_sweeps' output;
+    seeds: each experiment trained with this many seeds (plan), stacked on its device unless
+    seeds_apart.
     The other keyword arguments are options.RunOptions' fields, among them: data (a path;
     default the embedded corpus), devices (indices into jax.devices(), the PyTorch project's
     --devices rule; default all on the first device), max_steps, resume, stack, data_parallel,
@@ -203,9 +231,9 @@ def run(experiments: Sequence[str] | None = None, *, overrides: Mapping[str, Any
     save and stop every experiment at its next block), gpu_index (host.restrict_gpus' map),
     command (for the report).
     """
-    p = plan(experiments, overrides, sweeps, override_text)
+    p = plan(experiments, overrides, sweeps, override_text, seeds)
     opts = RunOptions(out=out, **options)
-    check(opts)
+    check(opts, p)
     return execute(p, opts)
 
 
@@ -221,11 +249,13 @@ def execute(p: Plan, opts: RunOptions) -> list:
 
     lead = jax.process_index() == 0
     devices = None if opts.devices is None else ",".join(map(str, opts.devices))
+    owners = list(dict.fromkeys(p.experiment(r) or r for r in p.experiments))  # seeds share one
     try:
-        lists, notice = placement.parse_devices(devices, len(p.experiments), opts.data_parallel,
+        lists, notice = placement.parse_devices(devices, len(owners), opts.data_parallel,
                                                 opts.gpu_index)
     except ValueError as e:
         raise RunError(str(e)) from None
+    lists = [lists[owners.index(p.experiment(r) or r)] for r in p.experiments]
     if notice and lead:
         tqdm.write(f"run.py: {notice}", file=sys.stderr)
     for note in notes if lead else ():
@@ -234,7 +264,8 @@ def execute(p: Plan, opts: RunOptions) -> list:
     seqs = load_data(opts.data, [c.vocab_size for c in p.configs.values()], opts.text_docs,
                      opts.read_pt, opts.cache)
     data_seconds = time.perf_counter() - t
-    exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint)
+    exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint,
+                            experiment=p.experiment(name))
             for (name, (c, text)), devs in zip(p.experiments.items(), lists)]  # batch splits
     segment_seconds = _check(p, seqs, opts)
     if lead:  # after the checks: bad input stays one line
@@ -254,7 +285,7 @@ def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
         raise hf.HFError(f"--init-from {e}") from None
     experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))
                    for name, (_, text) in p.experiments.items()}
-    return Plan(experiments), params, notes
+    return Plan(experiments, p.groups), params, notes
 
 
 def _export_hf(out: pathlib.Path, r, seqs, command: str | None) -> None:

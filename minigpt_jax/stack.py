@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from minigpt_jax import data, loop, optim, train
+from minigpt_jax import data, evaluation, loop, optim, train
 from minigpt_jax.config import Config, field_names
 from minigpt_jax.options import RunOptions
 from minigpt_jax.program import Program
 
-VALUE_FIELDS = ("lr", "weight_decay", "seed", "max_epochs", "val_fraction")  # may differ in a stack
+VALUE_FIELDS = ("lr", "weight_decay", "seed", "data_seed", "max_epochs", "val_fraction")  # may differ
 _WHY = {  # field group -> why it must be equal
     ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "batch_size"):
         "different shapes (params, optimizer state and batches are stacked along one axis)",
@@ -138,6 +138,17 @@ class Stacked(Program):
     def lane(self, state, v: int):
         return variant(state, v)
 
+    def evaluate(self, state, lanes: list[int], batches: list[list[np.ndarray]], group: int,
+                 progress=None) -> list[evaluation.Evaluation]:
+        """Every listed lane in one vmapped program (evaluation.evaluate_stack): the stack's
+        final evaluation is one pass over the batches, not one per variant."""
+        if len(lanes) == 1:
+            return super().evaluate(state, lanes, batches, group, progress)
+        own = dict(zip(lanes, batches))
+        every = [own.get(v, []) for v in range(len(state.step))]
+        got = evaluation.evaluate_stack(state, every, self.place, group, progress)
+        return [got[v] for v in lanes]
+
     def for_saving(self, state) -> list:
         """Every variant's state, sliced from one host copy of the stacked state."""
         host = jax.device_get(state)
@@ -182,14 +193,17 @@ def run_stacked(experiments: list[loop.Experiment],
 # --- sweeps: stacks on their devices ----------------------------------------------------
 
 
-def groups(experiments: Sequence[loop.Experiment]) -> list[list[int]]:
-    """Indices of the experiments, grouped into stacks: same device(s) and stackable with the
-    group's first, in input order. A group of one runs unstacked."""
+def groups(experiments: Sequence[loop.Experiment], key=None) -> list[list[int]]:
+    """Indices of the experiments, grouped into stacks: same device(s), the same `key`
+    (experiment -> a value; default: any) and stackable with the group's first, in input order.
+    A group of one runs unstacked."""
     out: list[list[int]] = []
+    same = key or (lambda e: None)
     for i, e in enumerate(experiments):
         for g in out:
             first = experiments[g[0]]
-            if first.devices == e.devices and len(e.devices) == 1 and stackable([first.config, e.config])[0]:
+            if (first.devices == e.devices and len(e.devices) == 1 and same(first) == same(e)
+                    and stackable([first.config, e.config])[0]):
                 g.append(i)
                 break
         else:

@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--wandb", metavar="PROJECT", help="also log metrics to Weights & Biases (needs wandb)")
     add("--max-steps", metavar="N", help="stop each experiment after N steps (default: max_epochs)")
     add("--seed", metavar="S", help="shorthand for --set seed=S")
+    add("--seeds", default="1", metavar="N", help="train every experiment with seeds S..S+N-1"
+        " (runs <name>_seed<s>, stacked on its device), with mean, spread and paired tests")
+    add("--seeds-apart", action="store_true", help="with --seeds: one seed after another")
+    add("--reference", metavar="NAME", help="the experiment others are compared with (default:"
+        " baseline, else the first)")
     add("--data-parallel", action="store_true", help="one experiment at a time, each batch split"
         " over all --devices (of every process)")
     add("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
@@ -111,19 +116,21 @@ def main(argv=None) -> int:
             overrides["seed"] = cfg.parse_value("seed", args.seed)
         sweeps = cfg.parse_sweeps(args.sweep)
         names = runner.experiment_names(args.only, args.experiments, sweeps)
-        plan = runner.plan(names, overrides, sweeps, ", ".join(args.overrides))
+        plan = runner.plan(names, overrides, sweeps, ", ".join(args.overrides),
+                           runner.positive_int("--seeds", args.seeds))
         devices = placement.device_indices(args.devices) if args.devices is not None else None
         stop = threading.Event()
         opts = RunOptions(
             out=out, max_steps=runner.positive_int("--max-steps", args.max_steps),
-            resume=args.resume, stop=stop, stack=args.stack,
+            resume=args.resume, stop=stop, stack=args.stack, seeds_apart=args.seeds_apart,
+            reference=args.reference,
             concurrent=runner.positive_int("--concurrent", args.concurrent),
             writers=runner.wandb_writers(args.wandb), on_result=lambda r: export_result(out, r),
             data=args.data, text_docs=args.text_docs, cache=not args.no_cache, read_bin=read_bin,
             init_from=args.init_from, devices=devices, data_parallel=args.data_parallel,
             export_hf="hf" in args.export,
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]))
-        runner.check(opts)
+        runner.check(opts, plan)
     except (cfg.ConfigError, ValueError) as e:  # RunError is a ValueError
         return fail(str(e))
     # Before JAX starts: keep it off the GPUs --devices does not list, preallocating nothing.
