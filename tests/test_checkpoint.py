@@ -74,7 +74,8 @@ def test_inspection_shows_what_the_checkpoint_holds(saved, capsys):
         x = params[row.split()[0]]
         assert f"{x.shape} " in row and f"{x.size:,}" in row, row
     total = sum(x.size for x in params.values())
-    assert any(line.startswith("total") and f"{len(params)} tensors" in line and f"{total:,}" in line
+    assert any(line.startswith("total") and f"{len(params)} tensors" in line
+               and f"{total:,}" in line
                for line in lines)
     assert f"second moment (nu): {total:,} numbers" in out
     assert f"first moment (mu): {total:,} numbers" in out
