@@ -11,9 +11,8 @@ standard error.
 - The eval step returns each row's summed loss and label count, so the figure comes
   with the standard error of a ratio estimate over held-out segments (the unit that is
   sampled: a segment's tokens are not independent of each other).
-- The evaluation keeps each segment's summed loss, label count and an id (a hash of its
-  tokens), so two runs evaluated on the same segments are compared segment by segment
-  (`stats.segment_paired`, through `same_segments`).
+- A stack's lanes (stack.py) are evaluated in one program (`evaluate_stack`): the vmapped
+  eval step over each lane's own batches, one dispatch per group for all lanes.
 - Batches go to the device `group` at a time, all-PAD batches filling the last group
   (they carry no label), so every group is one dispatch of one program; the whole
   held-out set is never on the device at once.
@@ -30,11 +29,7 @@ from tqdm.auto import tqdm
 
 from minigpt_jax import data, stats
 from minigpt_jax.config import PAD_TOKEN_ID
-from minigpt_jax.train import eval_steps
-
-
-def _per_segment():
-    return dataclasses.field(default=None, compare=False, repr=False)
+from minigpt_jax.train import eval_steps, stacked_eval_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,65 +39,26 @@ class Evaluation:
     tokens: int  # label (non-PAD target) tokens evaluated
     segments: int  # held-out segments with at least one label
     stderr: float  # standard error of `loss` over segments; NaN with fewer than two
-    # per evaluated segment (those with a label), in order: summed loss, label count, token hash
-    segment_losses: np.ndarray | None = _per_segment()
-    segment_counts: np.ndarray | None = _per_segment()
-    segment_ids: np.ndarray | None = _per_segment()
+    # (segments, 2): each evaluated segment's summed loss and label count, in sample order, for
+    # paired comparisons of two runs on the same segments
+    per_segment: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        """The figures (the per-segment arrays left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "per_segment"}
 
 
-def summarize(loss_sums: np.ndarray, counts: np.ndarray, ids: np.ndarray | None = None
-              ) -> Evaluation:
-    """Per-segment summed losses and label counts (and ids, `segment_ids`) -> the evaluation
-    (float64 on the host): the ratio estimate over segments (`stats.ratio_estimate`)."""
+def summarize(loss_sums: np.ndarray, counts: np.ndarray) -> Evaluation:
+    """Per-segment summed losses and label counts -> the evaluation (float64 on the host): the
+    ratio estimate and its standard error over segments (`stats.ratio_estimate`)."""
     s, n = np.asarray(loss_sums, np.float64).ravel(), np.asarray(counts, np.float64).ravel()
     keep = n > 0
-    loss, stderr, m = stats.ratio_estimate(s, n)
+    s, n = s[keep], n[keep]
+    total = float(n.sum())
+    loss, stderr, m = stats.ratio_estimate(s, n)  # sum s / sum n over m sampled segments
     with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
         ppl = float(np.exp(loss))
-    ids = None if ids is None else np.asarray(ids, np.uint64).ravel()[keep]
-    return Evaluation(loss, ppl, int(n[keep].sum()), m, stderr, s[keep], n[keep], ids)
-
-
-_HASH = np.random.default_rng(0x5EED).integers(1, 2**63, 8192, dtype=np.uint64) | np.uint64(1)
-
-
-def segment_ids(batches: list[np.ndarray]) -> np.ndarray:
-    """A 64-bit hash of each row of each batch, in order: equal for equal segments."""
-    if not batches:
-        return np.zeros(0, np.uint64)
-    rows = np.concatenate([np.asarray(b).reshape(len(b), -1) for b in batches])
-    k = _HASH[np.arange(rows.shape[1]) % len(_HASH)] + np.arange(rows.shape[1], dtype=np.uint64)
-    return (rows.astype(np.uint64) * k).sum(axis=1, dtype=np.uint64)  # wraps modulo 2**64
-
-
-def same_segments(a: Evaluation, b: Evaluation) -> tuple[np.ndarray, np.ndarray] | None:
-    """Indices (ia, ib) pairing the segments a and b both evaluated (the k-th occurrence of
-    an id with its k-th occurrence), or None when either lacks per-segment ids or they share
-    fewer than two segments with equal label counts."""
-    if a.segment_ids is None or b.segment_ids is None:
-        return None
-    ka, kb = _occurrence_keys(a.segment_ids), _occurrence_keys(b.segment_ids)
-    _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
-    ia, ib = np.sort(ia), ib[np.argsort(ia)]
-    if len(ia) < 2 or not np.array_equal(a.segment_counts[ia], b.segment_counts[ib]):
-        return None
-    return ia, ib
-
-
-def _occurrence_keys(ids: np.ndarray) -> np.ndarray:
-    """(id, how many equal ids came before) as one structured key per segment."""
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    first = np.searchsorted(sorted_ids, sorted_ids, side="left")
-    rank = np.empty(len(ids), np.int64)
-    rank[order] = np.arange(len(ids)) - first
-    out = np.empty(len(ids), dtype=[("id", np.uint64), ("k", np.int64)])
-    out["id"], out["k"] = ids, rank
-    return out
+    return Evaluation(loss, ppl, int(total), m, stderr, np.stack([s, n], axis=1))
 
 
 def final_batches(segments: np.ndarray, max_batches: int, batch_size: int, seed: int) -> list:
@@ -124,10 +80,8 @@ def groups(batches: list[np.ndarray], place, size: int) -> Iterable:
         yield place.put(np.stack(group + fill), place.stacked_rows)
 
 
-def evaluate(state, device_groups: Iterable, progress: tqdm | None = None,
-             ids: np.ndarray | None = None) -> Evaluation:
-    """Evaluate `state` over groups of batches already on its devices (`groups`); `ids`, one
-    per row of the batches in order (`segment_ids`), are kept with the per-segment losses."""
+def evaluate(state, device_groups: Iterable, progress: tqdm | None = None) -> Evaluation:
+    """Evaluate `state` over groups of batches already on its devices (`groups`)."""
     sums, counts = [], []
     for g in device_groups:
         m = eval_steps(state, g)
@@ -142,18 +96,35 @@ def evaluate(state, device_groups: Iterable, progress: tqdm | None = None,
             progress.update(min(len(m["tokens"]), progress.total - progress.n))  # not the fill
     if not sums:
         return summarize(np.zeros(0), np.zeros(0))
-    s, n = np.concatenate(sums, axis=None), np.concatenate(counts, axis=None)
-    if ids is not None:  # the fill batches of the last group: no labels, dropped with them
-        ids = np.concatenate([ids, np.zeros(len(n) - len(ids), np.uint64)])
-    return summarize(s, n, ids)
+    return summarize(np.concatenate(sums, axis=None), np.concatenate(counts, axis=None))
 
 
-def evaluate_batches(state, batches: list[np.ndarray], place, group: int, desc: str | None = None,
-                     position: int = 0) -> Evaluation:
-    """Evaluate `state` over host batches, `group` per dispatch; a progress bar when `desc`."""
-    bar = tqdm(total=len(batches), desc=desc, unit="batch", position=position, leave=False,
-               dynamic_ncols=True, disable=desc is None)
-    try:
-        return evaluate(state, groups(batches, place, group), bar, segment_ids(batches))
-    finally:
-        bar.close()
+def evaluate_batches(state, batches: list[np.ndarray], place, group: int,
+                     progress: tqdm | None = None) -> Evaluation:
+    """Evaluate `state` over host batches, `group` per dispatch; `progress` (a bar the caller
+    owns, placed where it likes) advances by batch."""
+    return evaluate(state, groups(batches, place, group), progress)
+
+
+def evaluate_stack(state_V, batches: list[list[np.ndarray]], place, group: int,
+                   progress: tqdm | None = None) -> list[Evaluation]:
+    """V stacked lanes, lane v over its own host batches `batches[v]`, in one vmapped program
+    per group of batches -> one Evaluation per lane (a lane with no batches: all PAD, empty)."""
+    V, n = len(batches), max(map(len, batches), default=0)
+    like = next(b[0] for b in batches if b) if n else None
+    sums, counts = [], []
+    for a in range(0, n, group):
+        g = np.full((V, group, *like.shape), PAD_TOKEN_ID, like.dtype)
+        for v, lane in enumerate(batches):
+            part = lane[a:a + group]
+            if part:
+                g[v, :len(part)] = np.stack(part)
+        m = jax.device_get(stacked_eval_steps(state_V, place.put(g)))
+        sums.append(m["loss_sum"].reshape(V, -1))
+        counts.append(m["tokens"].reshape(V, -1))
+        if progress is not None:
+            progress.update(min(group, progress.total - progress.n))
+    if not sums:
+        return [summarize(np.zeros(0), np.zeros(0)) for _ in batches]
+    sums, counts = np.concatenate(sums, axis=1), np.concatenate(counts, axis=1)
+    return [summarize(sums[v], counts[v]) for v in range(V)]

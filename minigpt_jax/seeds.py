@@ -9,7 +9,7 @@
   (`Result.final_eval`, else the last evaluation); the final train loss is the
   mean of the last smoothing window of the plotted curve (`final_train`).
 - Two single runs are compared on held-out segments: paired per segment where
-  both evaluated the same ones (`evaluation.same_segments`), else unpaired.
+  both evaluated the same ones (`same_segments`), else unpaired.
 - An lr sweep is three or more runs of one shape (configs equal but for lr and
   seed) at distinct learning rates: its LR sensitivity (`stats.lr_sensitivity`)
   is computed per seed and summarised over seeds. The loss at initialisation is
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from minigpt_jax import evaluation, plots, stats
+from minigpt_jax import data, plots, stats
 
 MIN_LRS = 3  # learning rates that make a sweep (two are a comparison, which `compare` gives)
 
@@ -123,21 +123,38 @@ def experiment_stats(results: Sequence, reference_name: str | None = None
     return out
 
 
+def same_segments(a, b) -> bool:
+    """Whether runs a and b evaluated the same held-out segments in the same order at the end:
+    the same held-out set (`data.prepare_key`, which holds the data seed that also draws the
+    final sample), the same final sample (eval_final_batches x batch_size rows, or every
+    segment for both), and equal per-segment label counts."""
+    ea, eb = a.final_eval, b.final_eval
+    if ea is None or eb is None or ea.per_segment is None or eb.per_segment is None:
+        return False
+    if data.prepare_key(a.config) != data.prepare_key(b.config):
+        return False
+
+    def rows(r, e):  # rows asked for, None for all; more than evaluated means all were
+        n = r.config.eval_final_batches * r.config.batch_size
+        return None if n == 0 or n > e.segments else n
+
+    return (rows(a, ea) == rows(b, eb) and ea.per_segment.shape == eb.per_segment.shape
+            and np.array_equal(ea.per_segment[:, 1], eb.per_segment[:, 1]))
+
+
 def heldout(a, b) -> tuple[stats.Paired, bool]:
     """Final validation loss of run a minus run b over held-out segments, and whether it is
-    paired (both evaluated the same segments) or from two unpaired standard errors."""
+    paired (`same_segments`) or from two unpaired standard errors."""
     ea, eb = a.final_eval, b.final_eval
     if ea is None or eb is None:
         va, vb = final_val(a), final_val(b)
         diff = math.nan if va is None or vb is None else va - vb
         return stats.Paired(0, diff, math.nan, math.nan, math.nan,
                             "no standard error to test it against"), False
-    pairs = evaluation.same_segments(ea, eb)
-    if pairs is None:
+    if not same_segments(a, b):
         return stats.unpaired(ea.loss, ea.stderr, eb.loss, eb.stderr), False
-    ia, ib = pairs
-    return stats.segment_paired(ea.segment_losses[ia], eb.segment_losses[ib],
-                                ea.segment_counts[ia]), True
+    return stats.segment_paired(ea.per_segment[:, 0], eb.per_segment[:, 0],
+                                ea.per_segment[:, 1]), True
 
 
 # --- LR sensitivity --------------------------------------------------------------------------
@@ -175,8 +192,8 @@ def lr_sweeps(results: Sequence) -> list[Sensitivity]:
                                                       [final_val(at[lr]) for lr in lrs])
         if not per_seed:
             continue
-        means = [np.nanmean([_nan(final_val(r)) for r in runs if r.config.lr == lr] or [np.nan])
-                 for lr in lrs]
+        means = np.array([stats.summary([_nan(final_val(r)) for r in runs
+                                         if r.config.lr == lr]).mean for lr in lrs])
         best = lrs[int(np.nanargmin(means))] if np.isfinite(means).any() else math.nan
         names = tuple(dict.fromkeys(experiment(r) for lr in lrs for r in runs
                                     if r.config.lr == lr))

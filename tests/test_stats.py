@@ -117,21 +117,23 @@ def test_experiments_are_compared_seed_by_seed_with_the_reference():
 def test_runs_on_the_same_segments_are_paired_per_segment():
     rng = np.random.default_rng(1)
     counts, hard = rng.integers(20, 31, 50), rng.normal(6, 1, 50)
-    ids = evaluation.segment_ids([rng.integers(0, 50000, (50, 32))])
-    a = fake_result("a", TINY, [10.0, 7.0])
-    b = fake_result("b", TINY, [10.0, 7.0])
-    a.final_eval = evaluation.summarize((hard + 0.1) * counts, counts, ids)
-    b.final_eval = evaluation.summarize(hard * counts, counts, ids)
+    c = TINY.replace(eval_final_batches=0)  # every held-out segment
+    a, b = fake_result("a", c, [10.0, 7.0]), fake_result("b", c.replace(lr=1e-3), [10.0, 7.0])
+    a.final_eval = evaluation.summarize((hard + 0.1) * counts, counts)
+    b.final_eval = evaluation.summarize(hard * counts, counts)
     diff, paired = seeds.heldout(a, b)
     assert paired and diff.mean == pytest.approx(0.1) and diff.p < 1e-6
-    # b evaluated the same segments in another order, and fewer of them: still paired
-    order = rng.permutation(50)[:40]
-    b.final_eval = evaluation.summarize((hard * counts)[order], counts[order], ids[order])
-    diff, paired = seeds.heldout(a, b)
-    assert paired and diff.n == 40 and diff.mean == pytest.approx(0.1)
+    assert diff.ci95 < 0.2 * stats.unpaired(a.final_eval.loss, a.final_eval.stderr,
+                                            b.final_eval.loss, b.final_eval.stderr).ci95
+    # another held-out set (data_seed), or another sample of it: unpaired
+    for other in (c.replace(data_seed=7), c.replace(eval_final_batches=2)):
+        b.config = other
+        diff, paired = seeds.heldout(a, b)
+        assert not paired and diff.made and diff.n == 0
+    b.config = c.replace(batch_size=8)  # a larger batch, but both evaluated every segment
+    assert seeds.heldout(a, b)[1]
     b.final_eval = evaluation.Evaluation(6.0, 403.0, 1000, 50, 0.02)  # no per-segment figures
-    diff, paired = seeds.heldout(a, b)
-    assert not paired and diff.made
+    assert not seeds.heldout(a, b)[1]
 
 
 def test_an_lr_sweep_gives_its_sensitivity_over_seeds():
