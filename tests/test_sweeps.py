@@ -24,8 +24,9 @@ def text_folder(tmp_path_factory):
 
 
 def test_a_2x2_sweep_over_text_writes_four_experiments(tmp_path, text_folder):
-    r = run_script("run.py", "--data", text_folder, "--sweep", "lr=1e-3,2e-3", "--sweep", "seed=1,2",
-                   "--max-steps", 2, "--out", tmp_path, "--set", "lr_schedule=cosine",
+    r = run_script("run.py", "--data", text_folder, "--sweep", "lr=1e-3,2e-3",
+                   "--sweep", "seed=1,2", "--max-steps", 2, "--out", tmp_path,
+                   "--set", "lr_schedule=cosine",
                    "--set", "warmup_steps=1", "--set", "grad_clip=1.0",
                    "--set", "decay_params=matrices", "--set", "val_fraction=0.34", *TINY,
                    devices=DEVICES)
