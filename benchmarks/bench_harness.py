@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from minigpt_jax import config as cfg
+from minigpt_jax.options import RunOptions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,10 +113,10 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
     evaluation.evaluate = timed
     try:
         exp = loop.Experiment("bench", c, jax.devices()[0])
-        loop.run_experiment(exp, prepared, out, max_steps=2)  # compile everything first
+        loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=2))  # compile everything first
         timings.update(eval=0.0, evals=0)
         t = time.perf_counter()
-        r = loop.run_experiment(exp, prepared, out, max_steps=steps)
+        r = loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=steps))
         wall = time.perf_counter() - t
     finally:
         evaluation.evaluate = real

@@ -441,14 +441,14 @@ def test_kill_9_a_stack_of_seeds_then_resume_equals_the_straight_run(tmp_path, d
     """--seeds 2 trains the seeds as one stack: killed after a checkpoint, --resume continues
     both seeds from it, exactly."""
     seeded = [*base_args(data_folder, steps=8), "--seeds", "2"]
-    r = run([*seeded, "--out", tmp_path / "straight"])
+    r = run_script("run.py", *seeded, "--out", tmp_path / "straight")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     job = Started([*seeded, "--out", out], tmp_path / "killed.log")
     job.wait_for("checkpoint 4", lambda: (out / "checkpoints" / "baseline_seed43" / "4").is_dir())
     job.proc.kill()
     assert job.finish() == -signal.SIGKILL, "run.py ended before the kill: nothing was tested"
-    r = run([*seeded, "--out", out, "--resume"])
+    r = run_script("run.py", *seeded, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "baseline_seed42: resuming at step" in r.stderr
     for name in ("baseline_seed42", "baseline_seed43"):
