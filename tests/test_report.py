@@ -6,11 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY, run_script
 
 from minigpt_jax import comparisons, data, evaluation, report, tables
 from minigpt_jax.config import Config, num_params
 from minigpt_jax.loop import Result
-from tests.test_run import TINY, data_folder, run  # noqa: F401 (data_folder: a fixture)
+from tests.test_run import data_folder  # noqa: F401 (a fixture)
 
 SECTIONS = ["## 1. Model", "## 2. Data", "## 3. Training setup and experiments", "## 4. Results"]
 
@@ -128,8 +129,9 @@ def table_rows(out):
 def test_run_writes_a_report_whose_numbers_are_the_runs(tmp_path, data_folder):  # noqa: F811
     """Two experiments; baseline diverges (lr 1, weight decay 30, as in test_reliability)."""
     out = tmp_path / "out"
-    r = run("--experiments", "baseline,lr_1e-3", "--devices", "1,2", "--max-steps", 8, "--data",
-            data_folder, "--out", out, *TINY, "--set", "lr=1", "--set", "weight_decay=30")
+    r = run_script("run.py", "--experiments", "baseline,lr_1e-3", "--devices", "1,2",
+                   "--max-steps", 8, "--data", data_folder, "--out", out, *TINY, "--set", "lr=1",
+                   "--set", "weight_decay=30")
     assert r.returncode == 1, r.stderr[-3000:]
     text = (out / "report.md").read_text()
     assert all(s in text for s in SECTIONS)
@@ -163,7 +165,7 @@ def test_run_writes_a_report_whose_numbers_are_the_runs(tmp_path, data_folder): 
 def test_bad_arguments_write_no_report(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    r = run("--out", out, "--set", "lr=fast")
+    r = run_script("run.py", "--out", out, "--set", "lr=fast")
     assert r.returncode == 2 and not (out / "report.md").exists() and not list(out.iterdir())
 
 
