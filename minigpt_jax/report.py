@@ -284,8 +284,9 @@ def observations(results, stacked: bool = False, reference: str | None = None) -
                      + ", ".join(f"`{n}` {g:+.4f}" for g, n in gaps) + ".")
     if len(rates) >= 2:
         devices = sorted({r.device for r in results})
-        how = (f"all on {devices[0]}, those that could stack trained together (--stack)"
-               if stacked and len(devices) == 1
+        together = stacked or any(r.stacked > 1 for r in results)  # --stack, or seeds
+        how = (f"all on {devices[0]}, those in one stack trained together (tokens/s: the"
+               " stack's, shared)" if together and len(devices) == 1
                else f"all on {devices[0]}, one after another" if len(devices) == 1
                else f"on {len(devices)} devices, those on distinct devices at the same time,"
                " sharing the host")
