@@ -1,20 +1,16 @@
 """The scaling study: scripts/scaling.py end to end on a tiny grid, --fit on a table, bad input."""
 
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import load_script, run_script
 
 from minigpt_jax import runner, scaling
 from minigpt_jax import scaling_law as law
 
 pytestmark = pytest.mark.slow
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
 TINY = ["--widths", "16,24,32", "--depths", "1", "--heads", "2", "--tokens", "2k,4k,8k",
         "--set", "batch_size=8", "--set", "eval_batches=2", "--set", "eval_final_batches=4",
@@ -23,17 +19,8 @@ OUTPUTS = ["scaling_table.csv", "scaling_table.txt", "scaling_fit.json", "report
            "scaling_loss_vs_tokens.png", "scaling_loss_vs_params.png", "scaling_isoloss.png"]
 
 
-def script(*args, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "scaling.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("scaling_script", REPO / "scripts" / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(*args):
+    return run_script("scaling.py", *args)
 
 
 def test_fit_a_table_recovers_known_constants(tmp_path):
@@ -66,7 +53,7 @@ def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("trained"))
     out = tmp_path / "study"
     try:
-        code = load_script().main([*args, "--out", str(out)])
+        code = load_script("scaling").main([*args, "--out", str(out)])
     except SystemExit as e:  # argparse's own refusals
         code = e.code
     err = capsys.readouterr().err.strip()
@@ -77,7 +64,7 @@ def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch,
 def test_fit_refuses_a_table_of_one_shape(tmp_path, capsys):
     table = tmp_path / "one.csv"
     table.write_text("N,D,loss\n" + "".join(f"1e6,{d},3.0\n" for d in (1e8, 2e8, 4e8, 8e8, 2e9)))
-    assert load_script().main(["--fit", str(table), "--out", str(tmp_path / "o")]) == 2
+    assert load_script("scaling").main(["--fit", str(table), "--out", str(tmp_path / "o")]) == 2
     assert "one value of N" in capsys.readouterr().err
 
 
@@ -101,7 +88,7 @@ def test_tiny_study_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
     first = (out / "scaling_table.csv").read_text()
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("re-run trained again"))
     (out / "scaling_table.csv").unlink()
-    assert load_script().main([*TINY, "--out", str(out)]) == 0
+    assert load_script("scaling").main([*TINY, "--out", str(out)]) == 0
     assert (out / "scaling_table.csv").read_text() == first
 
 
