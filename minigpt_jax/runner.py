@@ -131,23 +131,17 @@ def check_out_dir(out: pathlib.Path) -> None:
                        " expected a writable folder") from None
 
 
-def _pt_reader(path, vocab_size):
-    """The PyTorch .pt reader, looked up when a .pt file is read (torch is imported then)."""
-    from torch_compat.data import read_sequences
-
-    return read_sequences(path, vocab_size)
-
-
 def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file",
-              read_pt: Callable | None = None, cache: bool = True):
-    """The training data once (sources.load), checked for every vocabulary the experiments use."""
-    from minigpt_jax import sources
+              readers=None, cache: bool = True):
+    """The training data once (data.load; readers: data.Readers), checked for every vocabulary
+    the experiments use."""
+    from minigpt_jax import data
 
     vocab_sizes = sorted(set(vocab_sizes))
     if text_docs not in ("file", "block"):
         raise RunError(f"--text-docs {text_docs!r}: expected file (one document per file) or block"
                        " (one per blank-line-separated block)")
-    seqs = sources.load(path, vocab_sizes[-1], text_docs, read_pt or _pt_reader, cache)
+    seqs = data.load(path, vocab_sizes[-1], text_docs, readers or data.Readers(), cache)
     for vocab_size in vocab_sizes[:-1]:
         seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
     return seqs
@@ -209,19 +203,24 @@ def run(
 
     devices: indices into jax.devices(), the PyTorch project's --devices rule (default: all
     on the first device). concurrent: up to this many experiments at the same time on each
-    device. cache: read a .pt source through the token cache (sources.py). init_from: a local
-    Hugging Face GPT-2 folder every experiment starts from (hf.init_from; read_bin reads its
-    pytorch_model.bin, if that is what it holds). export_hf: write <out>/hf/<name>/, a
+    device. cache: read a .pt source through the token cache (data/token_cache.py). init_from:
+    a local Hugging Face GPT-2 folder every experiment starts from (hf.init_from; read_bin
+    reads its pytorch_model.bin, if that is what it holds). export_hf: write <out>/hf/<name>/, a
     GPT2LMHeadModel folder, as each experiment finishes. writers(experiment): extra metric
-    writers (W&B). read_pt(path, vocab_size): the .pt reader (default: torch_compat's,
-    imported when a .pt is read). on_result(result):
+    writers (W&B). read_pt(path, vocab_size): the .pt data reader, read_bin(path): the
+    pytorch_model.bin reader (torch_compat.data.read_sequences and
+    torch_compat.read_numpy_state_dict; the library never imports torch_compat: without
+    them a .pt or .bin is a one-line error). on_result(result):
     called as each experiment finishes, after its curves (exports). stop: set it to save
     and stop every experiment at its next block. gpu_index: host.restrict_gpus' index map.
     """
+    from minigpt_jax.data import Readers
+
+    readers = Readers(pt=read_pt, bin=read_bin)  # the one way readers travel below
     p = plan(experiments, overrides, sweeps, max_steps, override_text)
     params, notes = {}, []
     if init_from is not None:
-        p, params, notes = _init_from(p, init_from, read_bin)
+        p, params, notes = _init_from(p, init_from, readers)
     if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
         raise RunError(f"--concurrent {concurrent!r}: expected a positive integer")
     out = pathlib.Path(out)
@@ -241,7 +240,7 @@ def run(
     for note in notes if lead else ():
         tqdm.write(f"--init-from {init_from}: {note}", file=sys.stderr)
     t = time.perf_counter()
-    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
+    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, readers, cache)
     data_seconds = time.perf_counter() - t
     segment_seconds = _check(p, seqs, out, resume, lists)
     if lead:  # after the checks: bad input stays one line
@@ -254,12 +253,12 @@ def run(
                   phases, command, lead, export_hf)
 
 
-def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
+def _init_from(p: Plan, hf_dir, readers) -> tuple[Plan, dict, list[str]]:
     """The plan with the folder's model shape and its initial params (hf.init_from)."""
     from minigpt_jax import hf
 
     try:
-        configs, params, notes = hf.init_from(hf_dir, p.configs, read_bin)
+        configs, params, notes = hf.init_from(hf_dir, p.configs, readers)
     except hf.HFError as e:  # every HFError of a folder starts with the folder's path
         raise hf.HFError(f"--init-from {e}") from None
     experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))

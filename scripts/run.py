@@ -112,13 +112,6 @@ def export_state_dict(out: pathlib.Path, r) -> None:
         tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({e})")
 
 
-def read_bin(path):
-    """A Hugging Face folder's pytorch_model.bin, read with torch (weights_only)."""
-    import torch_compat
-
-    return torch_compat.read_numpy_state_dict(path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from minigpt_jax import host, placement
@@ -140,7 +133,8 @@ def main(argv=None) -> int:
     restriction = host.restrict_gpus(devices, os.environ, host.cuda_installed(), host.gpu_count())
     os.environ.update(restriction.env)
     host.enable_compilation_cache()
-    from minigpt_jax import checkpoint, sources
+    import torch_compat
+    from minigpt_jax import checkpoint, data
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda s, f: on_signal(stop, s))
@@ -156,11 +150,12 @@ def main(argv=None) -> int:
             overrides=overrides, sweeps=sweeps, max_steps=plan.max_steps, resume=args.resume,
             stack=args.stack, data_parallel=args.data_parallel, concurrent=concurrent,
             text_docs=args.text_docs, cache=not args.no_cache, init_from=args.init_from,
-            export_hf="hf" in args.export, read_bin=read_bin, writers=writers, stop=stop,
+            export_hf="hf" in args.export, writers=writers, stop=stop,
+            read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
             on_result=lambda r: export_state_dict(out, r), gpu_index=restriction.index,
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]),
             override_text=", ".join(args.overrides))
-    except (cfg.ConfigError, sources.DataError, checkpoint.CheckpointError, ValueError,
+    except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
             ImportError) as e:  # the library's one-line errors: bad input
         return fail(str(e))
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import data, loop, sources
+from minigpt_jax import data, loop
 from minigpt_jax.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "-
 def chunks():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 50000, n) for n in rng.integers(40, 200, 60)]
-    return data.prepare(sources.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
+    return data.prepare(data.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
 
 
 def losses(rows):
