@@ -181,8 +181,8 @@ def test_a_pickled_checkpoint_needs_the_reader_passed_in(tmp_path):
     gpt2_style(tmp_path / "gpt2", safetensors=False)
     with pytest.raises(hf.HFError) as e:
         hf.load(tmp_path / "gpt2")
-    message = str(e.value)
-    assert message.startswith(f"{tmp_path / 'gpt2' / 'pytorch_model.bin'}: ") and "\n" not in message
+    message, file = str(e.value), tmp_path / "gpt2" / "pytorch_model.bin"
+    assert message.startswith(f"{file}: ") and "\n" not in message
     assert "no reader" in message and "read_bin=torch_compat.read_numpy_state_dict" in message
 
 

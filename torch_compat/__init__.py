@@ -42,6 +42,7 @@ def readers(n_heads: int = 4):
 
 __all__ = [
     "StateDictError", "TorchMissingError", "check_exportable", "config_from_state_dict", "contract",
-    "find_data_file", "from_state_dict", "load_params", "load_sequences", "load_state_dict_file", "read_sample_dataset",
-    "read_numpy_state_dict", "read_sequences", "read_tokenized_data", "readers", "require_torch", "save_state_dict", "to_state_dict",
+    "find_data_file", "from_state_dict", "load_params", "load_sequences", "load_state_dict_file",
+    "read_numpy_state_dict", "read_sample_dataset", "read_sequences", "read_tokenized_data",
+    "readers", "require_torch", "save_state_dict", "to_state_dict",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from minigpt_jax.config import VOCAB_SIZE
-from minigpt_jax.data.readers import (  # noqa: F401  (DATA_FILES and the names: kept importable here)
+from minigpt_jax.data.readers import (  # noqa: F401  (kept importable from here)
     DATA_FILES,
     SAMPLE_DATASET,
     TOKENIZED_DATA,
