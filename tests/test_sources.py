@@ -77,3 +77,28 @@ def test_default_corpus_is_tokenized_sequences():
     s = data.default_corpus()
     assert s.kind == "tokenized" and s.source == "default corpus" and len(s) > 100
     assert 0 <= s.tokens.min() and s.tokens.max() < VOCAB_SIZE and s.offsets[-1] == len(s.tokens)
+
+
+@pytest.mark.parametrize("field, file, how", [
+    ("pt", "data/tokenized_data.pt", "read_pt=torch_compat.read_sequences"),
+    ("bin", "gpt2/pytorch_model.bin", "read_bin=torch_compat.read_numpy_state_dict"),
+    ("state_dict", "mini_gpt_baseline.pt", "state_dict=torch_compat.load_params"),
+])
+def test_a_missing_reader_is_one_line_naming_the_file_and_the_reader(field, file, how):
+    class Refused(ValueError):
+        pass
+
+    with pytest.raises(Refused) as e:
+        data.Readers().need(field, file, Refused)
+    message = str(e.value)
+    assert message.startswith(f"{file}: ") and how in message and "\n" not in message
+    reader = object()
+    assert data.Readers(**{field: reader}).need(field, file, Refused) is reader
+
+
+def test_torch_compat_readers_fill_every_field():
+    import torch_compat
+
+    r = torch_compat.readers(n_heads=2)
+    assert (r.pt, r.bin) == (torch_compat.read_sequences, torch_compat.read_numpy_state_dict)
+    assert r.state_dict.func is torch_compat.load_params and r.state_dict.keywords == {"n_heads": 2}

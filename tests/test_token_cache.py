@@ -225,7 +225,16 @@ def test_pt_data_without_a_reader_is_one_line(pt):
         data.load(pt)
     message = str(e.value)
     assert message.startswith(f"{pt}: ") and "no reader" in message and "\n" not in message
-    assert "read_pt=torch_compat.data.read_sequences" in message
+    assert "read_pt=torch_compat.read_sequences" in message
+
+
+def test_a_run_on_pt_data_without_a_reader_is_one_line_before_training(pt, tmp_path):
+    from minigpt_jax import runner
+
+    with pytest.raises(DataError) as e:
+        runner.run(["baseline"], data=pt, out=tmp_path / "out", max_steps=1)
+    assert str(e.value).startswith(f"{pt}: ") and "read_pt=" in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ StateDictReader = Callable[[pathlib.Path], tuple]  # a .pt state dict -> (params
 
 # field -> (what the file is, how a caller passes its reader)
 _WHAT = {
-    "pt": ("PyTorch .pt data", "read_pt=torch_compat.data.read_sequences"),
+    "pt": ("PyTorch .pt data", "read_pt=torch_compat.read_sequences"),
     "bin": ("a PyTorch pytorch_model.bin", "read_bin=torch_compat.read_numpy_state_dict"),
     "state_dict": ("a PyTorch .pt state dict", "state_dict=torch_compat.load_params"),
 }
@@ -44,7 +44,7 @@ _WHAT = {
 class Readers:
     """Readers for the files only torch reads; torch_compat.readers() fills all three."""
 
-    pt: PtReader | None = None  # a .pt data file or folder, e.g. torch_compat.data.read_sequences
+    pt: PtReader | None = None  # a .pt data file or folder, e.g. torch_compat.read_sequences
     bin: BinReader | None = None  # pytorch_model.bin, e.g. torch_compat.read_numpy_state_dict
     state_dict: StateDictReader | None = None  # a .pt state dict, e.g. torch_compat.load_params
 
