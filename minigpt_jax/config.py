@@ -50,7 +50,8 @@ class Config:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (PyTorch's default)
     batch_size: int = 32  # chunks per step
     max_epochs: int = 1  # passes over the training chunks
-    seed: int = 42  # parameter init, shuffling, dropout and the held-out split
+    seed: int = 42  # parameter init, shuffling and dropout (--seeds N trains seed .. seed+N-1)
+    data_seed: int = 42  # the held-out split and the evaluation samples: equal across seeds
     val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
     eval_every: int = 200  # steps between evaluations of the eval_batches sample
     eval_batches: int = 20  # held-out batches in the fixed, seeded sample evaluated every eval_every steps
@@ -103,8 +104,9 @@ class Config:
             raise ConfigError(f"weight_decay={self.weight_decay}: must be >= 0")
         if not 0.0 <= self.val_fraction <= 0.5:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 0.5]")
-        if self.seed < 0 or self.seed >= 2**32:
-            raise ConfigError(f"seed={self.seed}: must be in [0, 2**32)")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 2**32)")
         if self.ckpt_every < 0:
             raise ConfigError(f"ckpt_every={self.ckpt_every}: must be >= 0 (0 = by the clock only)")
         if not self.ckpt_minutes > 0:  # also refuses NaN
@@ -159,6 +161,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if "seed" in d and "data_seed" not in d:  # saved before data_seed: seed split the data
+            d = {**d, "data_seed": d["seed"]}
         return cls().replace(**d)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from minigpt_jax import data, files, model, optim, plots, tables
 from minigpt_jax.config import Config, num_params
@@ -72,9 +73,8 @@ def parameter_shapes(c: Config) -> dict[str, dict[str, tuple]]:
     in forward order."""
     tree = jax.eval_shape(lambda: model.init_params(c, jax.random.PRNGKey(0)))
     modules: dict[str, dict[str, tuple]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [k.key for k in path]
-        modules.setdefault(".".join(keys[:-1]), {})[keys[-1]] = tuple(leaf.shape)
+    for path, leaf in flatten_dict(tree).items():
+        modules.setdefault(".".join(path[:-1]), {})[path[-1]] = tuple(leaf.shape)
 
     def rank(m: str):
         top, _, rest = m.partition(".")
@@ -164,7 +164,7 @@ def data_section(results, prepared: Mapping[str, data.Prepared], source: str) ->
         p, c = prepared[rs[0].name], rs[0].config
         if len(groups) > 1:
             out += [(f"### {_names([r.name for r in rs])} (seq_len {c.seq_len}, segmentation"
-                     f" {c.segmentation}, val_fraction {c.val_fraction}, seed {c.seed})"), ""]
+                     f" {c.segmentation}, val_fraction {c.val_fraction}, data_seed {c.data_seed})"), ""]
         rule = ("sequences of 32..128 tokens kept whole, longer ones cut into seq_len segments,"
                 " shorter ones dropped" if c.segmentation == "pytorch"
                 else "every token, in consecutive seq_len chunks")

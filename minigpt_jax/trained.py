@@ -101,9 +101,14 @@ def score(
     rows = segments(seqs, config, split)
     if max_batches is None:
         max_batches = config.eval_final_batches
-    batches = evaluation.final_batches(rows, max_batches, config.batch_size, config.seed)
+    batches = evaluation.final_batches(rows, max_batches, config.batch_size,
+                                           config.data_seed)
     place = Placement([device or jax.devices()[0]])
     state = place.put(
         create_state(config.replace(lr_schedule="constant"), params)
     )  # no schedule needed
-    return evaluation.evaluate_batches(state, batches, place, config.eval_batches, desc)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+              disable=desc is None) as bar:
+        return evaluation.evaluate_batches(state, batches, place, config.eval_batches, bar)

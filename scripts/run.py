@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--wandb", metavar="PROJECT", help="also log metrics to Weights & Biases (needs wandb)")
     add("--max-steps", metavar="N", help="stop each experiment after N steps (default: max_epochs)")
     add("--seed", metavar="S", help="shorthand for --set seed=S")
+    add("--seeds", default="1", metavar="N", help="train every experiment with seeds S..S+N-1"
+        " (runs <name>_seed<s>, stacked on its device), with mean, spread and paired tests")
+    add("--seeds-apart", action="store_true", help="with --seeds: one seed after another")
+    add("--reference", metavar="NAME", help="the experiment others are compared with (default:"
+        " baseline, else the first)")
     add("--data-parallel", action="store_true", help="one experiment at a time, each batch split"
         " over all --devices (of every process)")
     add("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
@@ -91,70 +96,52 @@ def fail(message: str) -> int:
     return 2
 
 
-def export_state_dict(out: pathlib.Path, r) -> None:
-    """outcome/mini_gpt_<name>.pt (the users' contract), or one notice without torch."""
-    from tqdm.auto import tqdm
-
-    if r.state is None:
-        return
-    try:
-        import torch_compat
-
-        torch_compat.require_torch(f"exporting mini_gpt_{r.name}.pt")
-    except ImportError as e:
-        tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({str(e).splitlines()[0]})")
-        return
-    import jax
-
-    try:
-        torch_compat.save_state_dict(jax.device_get(r.state.params), out / f"mini_gpt_{r.name}.pt", r.config)
-    except torch_compat.StateDictError as e:  # a model their model.py cannot compute: skipped, never wrong
-        tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({e})")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch_compat
     from minigpt_jax import host, placement
+    from minigpt_jax.options import RunOptions
+    from torch_compat.export import export_result
 
-    try:
+    out = pathlib.Path(args.out)
+    try:  # everything that needs no JAX, checked once, before JAX starts
         overrides = cfg.parse_overrides(args.overrides)
         if args.seed is not None:
             overrides["seed"] = cfg.parse_value("seed", args.seed)
         sweeps = cfg.parse_sweeps(args.sweep)
         names = runner.experiment_names(args.only, args.experiments, sweeps)
-        plan = runner.plan(names, overrides, sweeps, runner.positive_int("--max-steps", args.max_steps))
+        plan = runner.plan(names, overrides, sweeps, ", ".join(args.overrides),
+                           runner.positive_int("--seeds", args.seeds))
         devices = placement.device_indices(args.devices) if args.devices is not None else None
-        concurrent = runner.positive_int("--concurrent", args.concurrent)
-        writers = runner.wandb_writers(args.wandb)
-        runner.check_out_dir(pathlib.Path(args.out))
+        stop = threading.Event()
+        opts = RunOptions(
+            out=out, max_steps=runner.positive_int("--max-steps", args.max_steps),
+            resume=args.resume, stop=stop, stack=args.stack, seeds_apart=args.seeds_apart,
+            reference=args.reference,
+            concurrent=runner.positive_int("--concurrent", args.concurrent),
+            writers=runner.wandb_writers(args.wandb), on_result=lambda r: export_result(out, r),
+            data=args.data, text_docs=args.text_docs, cache=not args.no_cache,
+            read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
+            init_from=args.init_from, devices=devices, data_parallel=args.data_parallel,
+            export_hf="hf" in args.export,
+            command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]))
+        runner.check(opts, plan)
     except (cfg.ConfigError, ValueError) as e:  # RunError is a ValueError
         return fail(str(e))
     # Before JAX starts: keep it off the GPUs --devices does not list, preallocating nothing.
     restriction = host.restrict_gpus(devices, os.environ, host.cuda_installed(), host.gpu_count())
     os.environ.update(restriction.env)
     host.enable_compilation_cache()
-    import torch_compat
     from minigpt_jax import checkpoint, data
 
-    stop = threading.Event()
     signal.signal(signal.SIGINT, lambda s, f: on_signal(stop, s))
     signal.signal(signal.SIGTERM, lambda s, f: on_signal(stop, s))
-    out = pathlib.Path(args.out)
     try:
         host.init_distributed(args.coordinator, args.num_processes, args.process_id)
         import jax
 
-        host.tune_host_allocator(jax.default_backend())  # before the first computation: BENCHMARKS.md
-        results = runner.run(
-            names, data=args.data, out=out, devices=devices,
-            overrides=overrides, sweeps=sweeps, max_steps=plan.max_steps, resume=args.resume,
-            stack=args.stack, data_parallel=args.data_parallel, concurrent=concurrent,
-            text_docs=args.text_docs, cache=not args.no_cache, init_from=args.init_from,
-            export_hf="hf" in args.export, writers=writers, stop=stop,
-            read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
-            on_result=lambda r: export_state_dict(out, r), gpu_index=restriction.index,
-            command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]),
-            override_text=", ".join(args.overrides))
+        host.tune_host_allocator(jax.default_backend())  # before the first computation
+        results = runner.execute(plan, opts.replace(gpu_index=restriction.index))
     except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
             ImportError) as e:  # the library's one-line errors: bad input
         return fail(str(e))

@@ -95,13 +95,13 @@ def test_chunks_rule_keeps_every_token():
 def test_split_is_by_whole_sequence_seeded_and_leaves_training():
     seqs = [np.full(n, i) for i, n in enumerate(np.random.default_rng(0).integers(32, 600, 200))]
     s = data.from_arrays(seqs, "t")
-    c = Config(val_fraction=0.1, seed=1)
+    c = Config(val_fraction=0.1, data_seed=1)
     p = data.prepare(s, c)
     train_ids, val_ids = set(p.train[:, 0].tolist()), set(p.val[:, 0].tolist())
     assert not train_ids & val_ids and len(val_ids) == p.held_out == 20
     assert len(train_ids) + len(val_ids) == 200
-    assert set(data.prepare(s, c.replace(seed=1, seq_len=32)).val[:, 0].tolist()) == val_ids
-    assert set(data.prepare(s, c.replace(seed=2)).val[:, 0].tolist()) != val_ids
+    assert set(data.prepare(s, c.replace(seed=2, seq_len=32)).val[:, 0].tolist()) == val_ids
+    assert set(data.prepare(s, c.replace(data_seed=2)).val[:, 0].tolist()) != val_ids
     # sequences that give no segment take no part; one that does always stays for training
     two = data.from_arrays([np.arange(5), np.arange(40)], "t")
     p = data.prepare(two, Config(val_fraction=0.5))

@@ -19,6 +19,7 @@ import pytest
 
 from minigpt_jax import data, loop
 from minigpt_jax.config import Config
+from minigpt_jax.options import RunOptions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -39,8 +40,8 @@ def losses(rows):
 def test_mesh_of_four_equals_one_device(tmp_path, chunks, monkeypatch):
     c = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=8, dropout=0.0)
     devs = jax.devices()[:4]
-    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, tmp_path / "a", max_steps=5)
-    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, tmp_path / "b", max_steps=5)
+    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, RunOptions(out=tmp_path / "a", max_steps=5))
+    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, RunOptions(out=tmp_path / "b", max_steps=5))
     assert one.status == four.status == "ok"
     assert four.state_devices == set(devs) and four.device == "cpu:0-3"
     np.testing.assert_allclose(losses(four.rows), losses(one.rows), rtol=RTOL)

@@ -450,3 +450,22 @@ def test_nan_stops_that_experiment_keeps_its_last_good_checkpoint_and_the_others
               "loss_curves.png", "results_table.txt"):
         assert (out / f).is_file(), f
     assert_outputs_whole(out)
+
+
+def test_kill_9_a_stack_of_seeds_then_resume_equals_the_straight_run(tmp_path, data_folder):
+    """--seeds 2 trains the seeds as one stack: killed after a checkpoint, --resume continues
+    both seeds from it, exactly."""
+    seeded = [*base_args(data_folder, steps=8), "--seeds", "2"]
+    r = run([*seeded, "--out", tmp_path / "straight"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    job = Started([*seeded, "--out", out], tmp_path / "killed.log")
+    job.wait_for("checkpoint 4", lambda: (out / "checkpoints" / "baseline_seed43" / "4").is_dir())
+    job.proc.kill()
+    assert job.finish() == -signal.SIGKILL, "run.py ended before the kill: nothing was tested"
+    r = run([*seeded, "--out", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "baseline_seed42: resuming at step" in r.stderr
+    for name in ("baseline_seed42", "baseline_seed43"):
+        assert metrics(out, name) == metrics(tmp_path / "straight", name)
+    assert metrics(out, "baseline_seed42") != metrics(out, "baseline_seed43")

@@ -15,6 +15,7 @@ import pytest
 from minigpt_jax import data
 from minigpt_jax.config import VOCAB_SIZE, Config
 from minigpt_jax.data import DataError, token_cache
+from minigpt_jax.options import RunOptions
 
 torch = pytest.importorskip("torch")
 from torch_compat.data import read_sequences  # noqa: E402
@@ -251,7 +252,7 @@ def test_training_from_the_cache_equals_training_from_a_fresh_read(pt, tmp_path,
     rows = []
     for i, s in enumerate((fresh, cached, prepared)):
         r = loop.run_experiment(loop.Experiment("baseline", c, jax.devices()[0]), data.prepare(s, c),
-                                tmp_path / f"out{i}", max_steps=4)
+                                RunOptions(out=tmp_path / f"out{i}", max_steps=4))
         assert r.status == "ok", r.status
         rows.append([(x["step"], x["loss"], x["grad_norm"]) for x in r.rows]
                     + [(x["step"], x["val_loss"]) for x in r.val_rows])

@@ -24,9 +24,9 @@ import pathlib
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minigpt_jax.config import SEQ_MIN, Config, ConfigError
 from minigpt_jax.files import atomic_path
@@ -76,12 +76,8 @@ def _is_kernel(flax_path: tuple[str, ...]) -> bool:
 
 
 def _flat_params(params: Mapping) -> dict[tuple[str, ...], Any]:
-    if set(params) == {"params"}:  # accept the variables dict too
-        params = params["params"]
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat[tuple(str(getattr(k, "key", k)) for k in path)] = leaf
-    return flat
+    """{Flax path: array} of a params tree, or of the variables dict {"params": tree}."""
+    return flatten_dict(params["params"] if set(params) == {"params"} else params)
 
 
 def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
@@ -217,16 +213,11 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
             f" n_layers={config.n_layers}, ffn_mult={config.ffn_mult}, seq_len={config.seq_len}): "
             + "; ".join(p for p in problems if p)
         )
-    params: dict = {}
+    flat = {}
     for key, path, _ in rows:
         a = tensor_to_numpy(sd[key], float32=True)
-        if _is_kernel(path):
-            a = np.ascontiguousarray(a.T)
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = jnp.asarray(a)
-    return params, config
+        flat[path] = jnp.asarray(np.ascontiguousarray(a.T) if _is_kernel(path) else a)
+    return unflatten_dict(flat), config
 
 
 def save_state_dict(params: Mapping, path: str | os.PathLike, config: Config | None = None) -> pathlib.Path:

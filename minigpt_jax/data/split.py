@@ -45,7 +45,7 @@ class Prepared:
 
 def prepare_key(config) -> tuple:
     """The config fields `prepare` depends on: equal keys, one shared copy of the segments."""
-    return (config.seq_len, config.segmentation, float(config.val_fraction), config.seed)
+    return (config.seq_len, config.segmentation, float(config.val_fraction), config.data_seed)
 
 
 def split_sequences(counts: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -62,7 +62,8 @@ _PREPARE_LOCK = threading.Lock()  # experiments in threads compute a shared key 
 
 
 def prepare(sources: Sequences, config) -> Prepared:
-    """Split, segment and count `sources` for config (seq_len, segmentation, val_fraction, seed).
+    """Split, segment and count `sources` for config (seq_len, segmentation, val_fraction,
+    data_seed).
 
     Memoised on (sources, prepare_key(config)), the last four kept: a second
     call with the same source object and key returns the same Prepared, arrays
