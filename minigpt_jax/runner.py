@@ -218,14 +218,14 @@ def run(experiments: Sequence[str] | None = None, *, overrides: Mapping[str, Any
     --devices rule; default all on the first device), max_steps, resume, stack, data_parallel,
     concurrent (up to this many experiments at the same time on each device), text_docs,
     cache (read a .pt source through the token cache, data/token_cache.py), init_from (a
-    local Hugging Face GPT-2 folder every experiment starts from; read_bin reads its pytorch_model.bin, if that is what
-    it holds), export_hf (write <out>/hf/<name>/ as each experiment finishes), writers
-    (experiment -> extra metric writers, e.g. W&B), read_pt (path, vocab_size -> the .pt
-    data: torch_compat.read_sequences; read_bin: torch_compat.read_numpy_state_dict; the
-    library never imports torch_compat, so without them a .pt or .bin is a one-line error),
-    on_result (called as each experiment finishes, after its curves), stop (set it to
-    save and stop every experiment at its next block), gpu_index (host.restrict_gpus' map),
-    command (for the report).
+    local Hugging Face GPT-2 folder every experiment starts from; read_bin reads its
+    pytorch_model.bin, if that is what it holds), export_hf (write <out>/hf/<name>/ as each
+    experiment finishes), writers (experiment -> extra metric writers, e.g. W&B), read_pt
+    (path, vocab_size -> the .pt data: torch_compat.read_sequences) and read_bin
+    (torch_compat.read_numpy_state_dict: the library never imports torch_compat, so without
+    them a .pt or .bin is a one-line error), on_result (called as each experiment finishes,
+    after its curves), stop (set it to save and stop every experiment at its next block),
+    gpu_index (host.restrict_gpus' map), command (for the report).
     """
     p = plan(experiments, overrides, sweeps, override_text, seeds)
     opts = RunOptions(out=out, **options)
