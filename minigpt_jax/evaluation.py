@@ -21,14 +21,13 @@ standard error.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from minigpt_jax import data
+from minigpt_jax import data, stats
 from minigpt_jax.config import PAD_TOKEN_ID
 from minigpt_jax.train import eval_steps, stacked_eval_steps
 
@@ -50,16 +49,13 @@ class Evaluation:
 
 
 def summarize(loss_sums: np.ndarray, counts: np.ndarray) -> Evaluation:
-    """Per-segment summed losses and label counts -> the evaluation (float64 on the host)."""
+    """Per-segment summed losses and label counts -> the evaluation (float64 on the host): the
+    ratio estimate and its standard error over segments (`stats.ratio_estimate`)."""
     s, n = np.asarray(loss_sums, np.float64).ravel(), np.asarray(counts, np.float64).ravel()
     keep = n > 0
     s, n = s[keep], n[keep]
     total = float(n.sum())
-    loss = float(s.sum()) / max(total, 1.0)
-    m = len(n)
-    # ratio estimator: sum s / sum n over m sampled segments
-    stderr = (math.sqrt(float(((s - loss * n) ** 2).sum()) / (m * (m - 1))) / (total / m)
-              if m > 1 else math.nan)
+    loss, stderr, m = stats.ratio_estimate(s, n)  # sum s / sum n over m sampled segments
     with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
         ppl = float(np.exp(loss))
     return Evaluation(loss, ppl, int(total), m, stderr, np.stack([s, n], axis=1))

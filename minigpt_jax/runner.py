@@ -301,7 +301,7 @@ def _export_hf(out: pathlib.Path, r, seqs, command: str | None) -> None:
 
 
 def _train(exps, seqs, opts: RunOptions, phases: dict, lead: bool) -> list:
-    from minigpt_jax import data, parallel, plots, report, tables
+    from minigpt_jax import data, parallel, plots, report, seeds, tables
 
     out = opts.out
 
@@ -325,12 +325,17 @@ def _train(exps, seqs, opts: RunOptions, phases: dict, lead: bool) -> list:
     results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), opts.replace(on_result=finished))
     if lead:
         t = time.perf_counter()
-        plots.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
-        tables.write_results_table(out, [tables.row(r) for r in results])
-        report.write_report(out, results, report.data_statistics(seqs, results), report.source_text(seqs),
-                            {"Command": f"`{opts.command}`" if opts.command else "runner.run from Python",
-                             "Resumed": "yes" if opts.resume else "no",
-                             "Stacked": "yes" if opts.stack else "no"})
+        curves = seeds.curves(results)  # experiment -> [(rows, val_rows) of each seed]
+        plots.plot_comparison(out, curves)
+        for name, runs in curves.items():
+            if len(runs) > 1:  # the experiment's mean over seeds, with its band
+                plots.plot_seeds(out, name, runs)
+        tables.write_results(out, results, opts.reference)
+        command = f"`{opts.command}`" if opts.command else "runner.run from Python"
+        report.write_report(out, results, report.data_statistics(seqs, results),
+                            report.source_text(seqs),
+                            {"Command": command, "Resumed": "yes" if opts.resume else "no",
+                             "Stacked": "yes" if opts.stack else "no"}, reference=opts.reference)
         for r in results:
             r.phases["outputs"] = r.phases.get("outputs", 0.0) + time.perf_counter() - t
             tqdm.write(f"  {r.name:<14} {r.status}; " + ", ".join(

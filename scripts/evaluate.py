@@ -21,12 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

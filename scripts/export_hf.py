@@ -17,10 +17,6 @@ import pathlib
 import shlex
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def card(checkpoint: pathlib.Path, argv) -> dict:
     """The model card's facts: the run's metrics where the checkpoint sits in a run's --out."""

@@ -12,10 +12,6 @@ import argparse
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="export_state_dict.py", description=__doc__.split("\n\n")[0],

@@ -4,7 +4,8 @@ Examples:
   python scripts/generate.py --checkpoint outcome/checkpoints/baseline --prompt "The list"
   python scripts/generate.py --checkpoint outcome/mini_gpt_baseline.pt --prompt "Return the" \\
       --temperature 0.8 --top-k 40 --seed 1
-  python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" --temperature 0
+  python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" \\
+      --temperature 0
 
 Prints the prompt followed by its continuation. The same seed gives the same
 text; --temperature 0 is greedy. Prompts longer than the model's seq_len
@@ -20,11 +21,7 @@ import math
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from minigpt_jax.config import VOCAB_SIZE  # noqa: E402
+from minigpt_jax.config import VOCAB_SIZE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"sample only among the K most likely tokens, 0 <= K <= {VOCAB_SIZE};"
                         " 0 is no filter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="sampling seed in [0, 2**32); the same seed gives the same text (default: %(default)s)")
+                   help="sampling seed in [0, 2**32); the same seed gives the same text"
+                        " (default: %(default)s)")
     p.add_argument("--n-heads", type=int, default=4, metavar="H",
                    help="attention heads of a .pt state dict, which its shapes do not record"
                         " (default: %(default)s); Orbax checkpoints store their own config")

@@ -16,10 +16,6 @@ import argparse
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(

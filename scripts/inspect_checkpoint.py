@@ -14,10 +14,6 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):

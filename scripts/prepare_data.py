@@ -19,14 +19,9 @@ Exit codes: 0 written; 2 bad input (nothing written).
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from minigpt_jax import config as cfg  # noqa: E402
+from minigpt_jax import config as cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,8 +57,9 @@ def main(argv=None) -> int:
         print(f"prepare_data.py: error: {args.out_dir}: cannot write ({e.strerror or e});"
               " expected a writable folder", file=sys.stderr)
         return 2
-    print(f"prepare_data.py: {seqs.describe()} -> {file} ({data.storage_dtype(seqs.tokens)} tokens,"
-          f" {seqs.fingerprint[:19]})", file=sys.stderr)
+    print(f"prepare_data.py: {seqs.describe()} -> {file}"
+          f" ({data.storage_dtype(seqs.tokens)} tokens, {seqs.fingerprint[:19]})",
+          file=sys.stderr)
     return 0
 
 

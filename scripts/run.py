@@ -33,12 +33,10 @@ import signal
 import sys
 import threading
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from minigpt_jax import config as cfg
+from minigpt_jax import runner
 
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax import runner  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the default --out is its outcome/
 
 
 def parse_args(argv=None) -> argparse.Namespace:

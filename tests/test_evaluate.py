@@ -1,12 +1,11 @@
 """scripts/evaluate.py: a run's own validation loss, and the reference models' numbers."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
@@ -14,7 +13,6 @@ torch = pytest.importorskip("torch")
 from minigpt_jax import data, evaluation, trained  # noqa: E402
 from minigpt_jax.config import Config  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {
     "embed_dim": 32,
     "n_heads": 2,
@@ -26,11 +24,7 @@ SMALL = {
 
 
 def evaluate_main(capsys, *argv) -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", REPO / "scripts" / "evaluate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate")
     capsys.readouterr()  # what ran before
     assert module.main([*map(str, argv), "--json"]) == 0
     return json.loads(capsys.readouterr().out)
@@ -140,11 +134,7 @@ def test_split_all_takes_every_segment_and_bad_input_is_one_line(tmp_path, capsy
     every = evaluate_main(capsys, *base, "--split", "all")
     # 20 blocks of 32..128 tokens, each one segment (kept whole, truncated); 1 held out
     assert (val["segments"], every["segments"]) == (1, 20)
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", REPO / "scripts" / "evaluate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate")
     for argv, fact in [
         (["--checkpoint", tmp_path / "none"], "no such file or folder"),
         (["--checkpoint", tmp_path / "m.pt", "--set", "n_layers=3"], "--set n_layers"),

@@ -1,6 +1,5 @@
 """hf.py against transformers itself: export, import, tokenizer, refusals (SPEC, HF form)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -8,6 +7,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from conftest import load_script
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
 torch = pytest.importorskip("torch")
@@ -17,15 +17,6 @@ from minigpt_jax import generate, hf, tokenizer  # noqa: E402
 from minigpt_jax.config import PAD_TOKEN_ID, Config  # noqa: E402
 from minigpt_jax.data import corpus  # noqa: E402
 from minigpt_jax.model import MiniGPT, init_params  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def leaves(params) -> list[np.ndarray]:
@@ -216,7 +207,7 @@ def test_import_script_refuses_in_one_line_with_exit_2(exported, tmp_path, capsy
     (bad / "config.json").write_text(
         json.dumps({**config, "scale_attn_by_inverse_layer_idx": True})
     )
-    importer = script("import_hf")
+    importer = load_script("import_hf")
     cases = [
         ([str(bad), str(tmp_path / "ck")], "scale_attn_by_inverse_layer_idx True"),
         ([str(tmp_path / "none"), str(tmp_path / "ck")], "no such folder"),
@@ -265,8 +256,8 @@ def test_scripts_orbax_to_hf_to_orbax_is_bit_exact(exported, tmp_path, capsys):
     checkpoint.save(
         checkpoint.manager(source), create_state(c, params), c, checkpoint.progress_record()
     )
-    assert script("export_hf").main([str(source), str(tmp_path / "hf")]) == 0
-    assert script("import_hf").main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert load_script("export_hf").main([str(source), str(tmp_path / "hf")]) == 0
+    assert load_script("import_hf").main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert "adapted: activation_function gelu_new" in capsys.readouterr().out
     back, config, step = checkpoint.load_params(tmp_path / "back")
     assert step == 0 and config.activation == "gelu_tanh"

@@ -6,8 +6,9 @@ import graphlib
 import pathlib
 
 import pytest
+from conftest import REPO
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "minigpt_jax"
+ROOT = REPO / "minigpt_jax"
 
 
 def module_name(path: pathlib.Path) -> str:

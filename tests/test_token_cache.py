@@ -3,7 +3,6 @@ folders, concurrent builders, and training that cannot tell the cache from a fre
 
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_script, script_env, tiny_args
 
 from minigpt_jax import data
 from minigpt_jax.config import VOCAB_SIZE, Config
@@ -19,8 +19,6 @@ from minigpt_jax.options import RunOptions
 
 torch = pytest.importorskip("torch")
 from torch_compat.data import read_sequences  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -276,7 +274,7 @@ print(s.fingerprint, type(s.tokens).__name__)
 
 @pytest.mark.slow
 def test_two_processes_building_one_entry_both_end_with_a_good_one(pt, cache):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = script_env()
     procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(pt)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -289,23 +287,16 @@ def test_two_processes_building_one_entry_both_end_with_a_good_one(pt, cache):
     assert load(pt, read_pt=read).fingerprint == want and read.calls == 0
 
 
-def run_script(script, *args, env):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
-
-
 @pytest.mark.slow
 def test_prepare_data_output_trains_to_the_same_metrics(pt, tmp_path):
-    env = dict(os.environ)
-    r = run_script("prepare_data.py", pt, tmp_path / "prep", env=env)
+    r = run_script("prepare_data.py", pt, tmp_path / "prep", timeout=600)
     assert r.returncode == 0 and "sequences.bin" in r.stderr, r.stderr
-    bad = run_script("prepare_data.py", tmp_path / "missing.pt", tmp_path / "x", env=env)
+    bad = run_script("prepare_data.py", tmp_path / "missing.pt", tmp_path / "x", timeout=600)
     assert bad.returncode == 2 and "missing.pt" in bad.stderr and not (tmp_path / "x").exists()
-    tiny = ["--experiments", "baseline", "--max-steps", 3, "--set", "embed_dim=32", "--set",
-            "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4", "--set", "eval_every=2"]
+    tiny = ["--experiments", "baseline", "--max-steps", 3, *tiny_args(eval_every=2)]
     metrics = []
     for i, d in enumerate((pt, tmp_path / "prep")):
-        r = run_script("run.py", "--data", d, "--out", tmp_path / f"out{i}", *tiny, env=env)
+        r = run_script("run.py", "--data", d, "--out", tmp_path / f"out{i}", *tiny, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         with open(tmp_path / f"out{i}" / "metrics_baseline.csv") as f:
             rows = [line.split(",") for line in f.read().splitlines()]

@@ -8,8 +8,8 @@ same parameters, timed in interleaved rounds (a machine shared with other work
 slows all alike); the per-row losses are checked equal across contenders. Prints
 a markdown table and writes it into --out between the `eval-rows` marks.
 
-  python scripts/bench_eval.py                      # rows 1, 2, 4, 8, 32 at baseline
-  python scripts/bench_eval.py --rows 2,8 --set batch_size=64 --out /tmp/b.md
+  python -m benchmarks.bench_eval                   # rows 1, 2, 4, 8, 32 at baseline
+  python -m benchmarks.bench_eval --rows 2,8 --set batch_size=64 --out /tmp/b.md
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # run from a checkout
+import jax
+import numpy as np
 
-import benchlib  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import benchlib
+from minigpt_jax import config as cfg
+from minigpt_jax import losses, train
 
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax import losses, train  # noqa: E402
-
-PROG, SECTION = "bench_eval.py", "eval-rows"
+PROG, SECTION = "benchmarks.bench_eval", "eval-rows"
 
 
 def compiled_eval(rows: int, state, batch):

@@ -1,4 +1,4 @@
-"""What the bench scripts (and gpu_check.py) share: arguments, the machine's description,
+"""What the benchmarks (and the GPU check) share: arguments, the machine's description,
 FLOPs and datasheet peaks, batches, the users'-shaped fake data, memory readers, interleaved
 timing and the BENCHMARKS.md section writer. Nothing runs at import; JAX is imported when used.
 """
@@ -14,12 +14,10 @@ import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from minigpt_jax import config as cfg
+from minigpt_jax.files import atomic_path
 
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax.files import atomic_path  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the checkout: child processes run from it
 
 N_BATCHES = 8  # distinct batches cycled through by every contender
 # Datasheet dense peaks in TFLOP/s: (bf16, tf32). JAX runs float32 matmuls as TF32 on these GPUs.
@@ -38,7 +36,7 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def add_common(p: argparse.ArgumentParser, set_help: str = "override a config field, e.g."
                " --set seq_len=128; repeatable") -> None:
-    """--set KEY=VALUE (repeatable) and --out FILE, which every bench script takes."""
+    """--set KEY=VALUE (repeatable) and --out FILE, which every benchmark takes."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=set_help)
     p.add_argument("--out", default="BENCHMARKS.md",
@@ -53,8 +51,9 @@ def fail(prog: str, message: str) -> None:
 
 
 def command_line(prog: str, argv: list[str] | None) -> str:
-    """The command that reproduces this run, as BENCHMARKS.md quotes it."""
-    return " ".join(["python", f"scripts/{prog}", *(sys.argv[1:] if argv is None else argv)])
+    """The command that reproduces this run, as BENCHMARKS.md quotes it (prog: the module,
+    benchmarks.bench)."""
+    return " ".join(["python", "-m", prog, *(sys.argv[1:] if argv is None else argv)])
 
 
 def measured(prog: str, argv: list[str] | None) -> str:

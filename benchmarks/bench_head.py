@@ -8,28 +8,24 @@ slows all alike): `sorted` (the CPU path, what "auto" picks on the CPU),
 revision's train.py (e.g. `git show main:minigpt_jax/train.py > /tmp/train_main.py`),
 to check that a change kept the CPU step's speed. Prints a markdown table.
 
-  python scripts/bench_head.py --reference /tmp/train_main.py --rounds 6
+  python -m benchmarks.bench_head --reference /tmp/train_main.py --rounds 6
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import pathlib
 import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # run from a checkout; benchlib's batches
+import jax
+import numpy as np
 
-import benchlib  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from contenders import compiled_step  # noqa: E402
-
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax import host, losses, train  # noqa: E402
+from benchmarks import benchlib
+from benchmarks.contenders import compiled_step
+from minigpt_jax import config as cfg
+from minigpt_jax import host, losses, train
 
 
 def time_steps(runs: dict, batches, rng, rounds: int, steps: int) -> dict:
@@ -67,7 +63,8 @@ def load_reference(path: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_head.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="benchmarks.bench_head",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", default="corpus,dense", help="batch kinds (bench.py's): %(default)s")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds: %(default)s")
     p.add_argument("--steps", type=int, default=3, help="steps per contender per round")

@@ -1,10 +1,12 @@
-"""Benchmark the JAX training step against the PyTorch reference, in one process, on the same batches.
+"""Benchmark the JAX training step against the PyTorch reference, in one process, same batches.
 
 Contenders (--contenders):
   jax            train_step, one dispatch per step, metrics read once per block
   jax_fused      train_steps: a block of K steps in one dispatch (lax.scan)
-  torch          torch_compat.reference + torch.optim.AdamW, eager (its train_step reads the loss every step)
-  torch_compile  the same with model and loss under torch.compile ("failed: ..." if it does not build)
+  torch          torch_compat.reference + torch.optim.AdamW, eager (its train_step reads the
+                 loss every step)
+  torch_compile  the same with model and loss under torch.compile ("failed: ..." if it does
+                 not build)
 
 Configs (--configs) are experiment names (config.EXPERIMENTS) with optional
 overrides and batch kind: `baseline`, `baseline@dense`, `baseline:dtype=bfloat16`.
@@ -13,11 +15,11 @@ pipeline, as in the README run (about a third of the labels are PAD); `@dense`
 batches are random ids without PAD, so every position does full work. Every
 contender starts from the same parameters and sees the same batches; contenders
 run in interleaved rounds, so a machine shared with other work slows all alike.
-The data path has its own benchmark: scripts/bench_data.py.
+The data path has its own benchmark: benchmarks/bench_startup.py.
 
 Examples:
-  python scripts/bench.py                                   # the full table -> BENCHMARKS.md
-  python scripts/bench.py --configs baseline --contenders jax,torch --rounds 3 --out /tmp/b.md
+  python -m benchmarks.bench                      # the full table -> BENCHMARKS.md
+  python -m benchmarks.bench --configs baseline --contenders jax,torch --rounds 3 --out /tmp/b.md
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ from __future__ import annotations
 import pathlib
 import sys
 
-import benchlib  # noqa: I001  (puts the repository on sys.path)
-import contenders as cons
-
+from benchmarks import benchlib
+from benchmarks import contenders as cons
 from minigpt_jax import config as cfg
 
 DEFAULT_CONFIGS = ("baseline@dense,baseline,baseline:dtype=bfloat16,lr_1e-3,batch_size_16,"
                    "n_layers_1,embed_dim_64")
-PROG = "bench.py"
+PROG = "benchmarks.bench"
 
 
 def parse_args(argv=None):
     p = benchlib.parser(PROG, __doc__)
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated NAME[:key=value...][@corpus|@dense] (default: %(default)s)")
+                   help="comma-separated NAME[:key=value...][@corpus|@dense]"
+                        " (default: %(default)s)")
     p.add_argument("--contenders", default=",".join(cons.CONTENDERS),
                    help="comma-separated subset of: %(default)s")
     p.add_argument("--rounds", type=int, default=5,
@@ -60,7 +62,8 @@ def parse_args(argv=None):
 
 
 def parse_configs(text: str, overrides: dict) -> list[tuple[str, str, cfg.Config]]:
-    """'baseline:dtype=bfloat16@dense' -> [(label, batch kind, Config)]; ConfigError on bad input."""
+    """'baseline:dtype=bfloat16@dense' -> [(label, batch kind, Config)]; ConfigError on bad
+    input."""
     out = []
     for spec in (s.strip() for s in text.split(",")):
         if not spec:
@@ -80,7 +83,7 @@ def check(args) -> tuple[list, list[str]]:
     """The configs and contenders the flags name; ConfigError on bad input."""
     if args.section == "data":
         raise cfg.ConfigError("--section data: the data benchmark moved to"
-                              " `python scripts/bench_data.py`")
+                              " `python -m benchmarks.bench_startup`")
     configs = parse_configs(args.configs, cfg.parse_overrides(args.overrides))
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if not names or set(names) - set(cons.CONTENDERS):

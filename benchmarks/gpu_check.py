@@ -1,19 +1,19 @@
-"""Everything a GPU must show, in one command (issue 20): correctness, the step, the harness,
+"""Everything a GPU must show, in one command: correctness, the step, the harness,
 five experiments on one device, stacked variants, determinism and resume.
 
 Writes DIR/gpu_check.json (every figure) and DIR/gpu_check.md (a BENCHMARKS.md section),
 prints one line as each section starts and ends and a table at the end; exit code 1 if any
-section failed or was skipped (each failure is one line in both files; the other sections still run),
-2 on bad input. Expected minutes per section on one H200 (the plan: BENCHMARKS.md, "GPU
-check (issue 20): the plan"): correctness 1, step 2, harness 1, concurrent 1, stack 1,
+section failed or was skipped (each failure is one line in both files; the other sections
+still run), 2 on bad input. Expected minutes per section on one H200 (the plan: BENCHMARKS.md, "GPU
+check: the plan"): correctness 1, step 2, harness 1, concurrent 1, stack 1,
 determinism 1.5; each section stops starting new items once its own budget or the check's
 (--budget-s) is spent, and a section is skipped (and recorded so) when less of --budget-s is
 left than its expected minutes.
 
-  python3 scripts/gpu_check.py --out /tmp/gc                     # the full check, on a GPU
-  python3 scripts/gpu_check.py --only step,stack --out /tmp/gc
-  python scripts/gpu_check.py --cpu-smoke --out /tmp/gc          # every section, tiny, on the CPU
-  gpu/run_check.sh                                              # on the device machine (wheels)
+  python3 -m benchmarks.gpu_check --out /tmp/gc              # the full check, on a GPU
+  python3 -m benchmarks.gpu_check --only step,stack --out /tmp/gc
+  python -m benchmarks.gpu_check --cpu-smoke --out /tmp/gc    # every section, tiny, on the CPU
+  bash benchmarks/gpu/run_check.sh                           # on the device machine (wheels)
 """
 
 from __future__ import annotations
@@ -26,15 +26,10 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "scripts"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from benchmarks import benchlib
+from benchmarks import gpu_sections as gs
 
-import benchlib  # noqa: E402
-import gpu_sections as gs  # noqa: E402
-
-PROG = "gpu_check.py"
+PROG = "benchmarks.gpu_check"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,12 +94,13 @@ def table(rows: list[dict]) -> list[str]:
 def markdown(report: dict) -> list[str]:
     """The BENCHMARKS.md section: the run, a table of sections, then each section's figures."""
     begin, end = benchlib.section_marks("gpu-check")
-    m = report["machine"]
+    m, peak = report["machine"], report["device_peak_bytes"]
     lines = [begin, "### Measured: GPU check", "",
-             f"- Machine: {m['host']}; JAX device `{m['platform']}` ({m['kind']}); {m['versions']}.",
-             f"- Command: `{report['command']}` ({report['mode']}); {report['wall_s']:.0f} s in all;"
-             f" JAX's device peak {cell(report['device_peak_bytes'] and report['device_peak_bytes'] / 2**20)}"
-             " MiB (the whole check; JAX's allocator, not PyTorch's).",
+             f"- Machine: {m['host']}; JAX device `{m['platform']}` ({m['kind']});"
+             f" {m['versions']}.",
+             f"- Command: `{report['command']}` ({report['mode']}); {report['wall_s']:.0f} s in"
+             f" all; JAX's device peak {cell(peak and peak / 2**20)} MiB (the whole check; JAX's"
+             " allocator, not PyTorch's).",
              "", *table([{"section": n, "status": e["status"], "seconds": e.get("seconds"),
                           "expected min (H200)": e["expected_min"], "summary": summary(e)}
                          for n, e in report["sections"].items()])]
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.worker:
         out.mkdir(parents=True, exist_ok=True)
-        import gpu_determinism
+        from benchmarks import gpu_determinism
         return gpu_determinism.determinism_worker(out, args.steps, args.cpu_smoke)
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="gpu_check-")

@@ -1,4 +1,4 @@
-"""Benchmark what the harness adds around the training step, at a small and at the users' data size.
+"""Benchmark what the harness adds around the training step, at a small and the users' size.
 
 For each data size, in one process, on the same device and batches:
   bare     train_step on batches already on the device, metrics read every 10 steps
@@ -18,8 +18,8 @@ the same val_fraction is held out, so the final evaluation grows with it and the
 rest must not.
 
 Examples:
-  python scripts/bench_harness.py                         # -> BENCHMARKS.md, "Measured: harness"
-  python scripts/bench_harness.py --set embed_dim=64 --steps 300 --tokens 28000000
+  python -m benchmarks.bench_harness             # -> BENCHMARKS.md, "Measured: harness"
+  python -m benchmarks.bench_harness --set embed_dim=64 --steps 300 --tokens 28000000
 """
 
 from __future__ import annotations
@@ -30,25 +30,25 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from minigpt_jax import config as cfg  # noqa: E402
+from minigpt_jax import config as cfg
+from minigpt_jax.options import RunOptions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench_harness.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="benchmarks.bench_harness",
+                                description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="training steps per measurement (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="training steps per measurement (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=28_000_000,
                    help="tokens of the large synthetic source (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config overrides (default: the baseline with eval_every=50, ckpt_every=50, so"
-                        " that a short measurement holds evaluations and checkpoints)")
-    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update (default: %(default)s)")
+                   help="config overrides (default: the baseline with eval_every=50,"
+                        " ckpt_every=50, so that a short measurement holds evaluations and"
+                        " checkpoints)")
+    p.add_argument("--out", default="BENCHMARKS.md",
+                   help="markdown file to update (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -113,10 +113,10 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
     evaluation.evaluate = timed
     try:
         exp = loop.Experiment("bench", c, jax.devices()[0])
-        loop.run_experiment(exp, prepared, out, max_steps=2)  # compile everything first
+        loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=2))  # compile everything first
         timings.update(eval=0.0, evals=0)
         t = time.perf_counter()
-        r = loop.run_experiment(exp, prepared, out, max_steps=steps)
+        r = loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=steps))
         wall = time.perf_counter() - t
     finally:
         evaluation.evaluate = real
@@ -130,34 +130,38 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import benchlib
     import jax
 
+    from benchmarks import benchlib
     from minigpt_jax import data, host
 
     host.tune_host_allocator(jax.default_backend())
     overrides = {"eval_every": 50, "ckpt_every": 50, **cfg.parse_overrides(args.overrides)}
     c = cfg.BASELINE.replace(**overrides)
     rows = []
-    for label, seqs in (("default corpus", data.default_corpus()), ("users'-shaped", benchlib.users_shaped(args.tokens))):
+    for label, seqs in (("default corpus", data.default_corpus()),
+                        ("users'-shaped", benchlib.users_shaped(args.tokens))):
         prepared = data.prepare(seqs, c)
-        steps = args.steps  # over as many epochs as it takes (the default corpus has 47 steps an epoch)
-        cx = c.replace(max_epochs=-(-steps // data.steps_per_epoch(len(prepared.train), c.batch_size)))
+        steps = args.steps  # over as many epochs as it takes (the corpus: 47 steps an epoch)
+        per_epoch = data.steps_per_epoch(len(prepared.train), c.batch_size)
+        cx = c.replace(max_epochs=-(-steps // per_epoch))
         batches = sample_batches(prepared, c)
         with tempfile.TemporaryDirectory() as out:
             h = harness_seconds(cx, prepared, steps, pathlib.Path(out))
         bare = bare_seconds(cx, batches, steps)
-        rows.append((label, len(seqs.tokens), len(prepared.train), len(prepared.val), steps, bare, h))
+        rows.append((label, len(seqs.tokens), len(prepared.train), len(prepared.val), steps,
+                     bare, h))
         print(f"{label}: bare {1e3 * bare:.1f} ms/step, harness {1e3 * h['per_step']:.1f}"
-              f" ms/step, periodic eval {h['periodic_eval']:.2f} s, final eval {h['final_eval']:.2f} s,"
-              f" start and end {h['fixed']:.1f} s", file=sys.stderr)
+              f" ms/step, periodic eval {h['periodic_eval']:.2f} s, final eval"
+              f" {h['final_eval']:.2f} s, start and end {h['fixed']:.1f} s", file=sys.stderr)
     dev = jax.devices()[0]
     lines = [
         "<!-- bench:begin harness -->",
         "### Measured: harness",
         "",
-        f"`python scripts/bench_harness.py{''.join(' --set ' + s for s in args.overrides)} --steps {args.steps}"
-        f" --tokens {args.tokens}` on {dev.platform} ({dev.device_kind}), config: baseline with "
+        f"`python -m benchmarks.bench_harness{''.join(' --set ' + s for s in args.overrides)}"
+        f" --steps {args.steps} --tokens {args.tokens}` on {dev.platform} ({dev.device_kind}),"
+        " config: baseline with "
         + ", ".join(f"{k}={v}" for k, v in overrides.items()) + f", eval_batches={c.eval_batches}.",
         "",
         "| data | tokens | train / held-out segments | steps | bare ms/step | harness ms/step |"
@@ -168,8 +172,10 @@ def main(argv=None) -> int:
         over = (h["per_step"] - bare) / bare
         lines.append(
             f"| {label} | {tokens:,} | {n_train:,} / {n_val:,} | {steps} | {1e3 * bare:.1f} |"
-            f" {1e3 * h['per_step']:.1f} | {100 * over:+.1f}% ({1e3 * (h['per_step'] - bare):+.1f} ms/step) |"
-            f" {100 * h['periodic_eval'] / h['steady']:.1f}% | {h['fixed']:.1f} s | {h['final_eval']:.2f} s |")
+            f" {1e3 * h['per_step']:.1f} | {100 * over:+.1f}%"
+            f" ({1e3 * (h['per_step'] - bare):+.1f} ms/step) |"
+            f" {100 * h['periodic_eval'] / h['steady']:.1f}% | {h['fixed']:.1f} s |"
+            f" {h['final_eval']:.2f} s |")
     lines += ["<!-- bench:end harness -->"]
     benchlib.write_section(pathlib.Path(args.out), lines)
     print("\n".join(lines))

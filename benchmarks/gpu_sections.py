@@ -1,6 +1,6 @@
-"""The sections of gpu_check.py: each takes a Ctx and returns its figures (a dict with a
-one-line "summary"), or raises; a failed check raises CheckFailed. The mechanisms are the
-bench scripts' (contenders, bench_head, bench_harness, bench_stack); this module only sizes
+"""The sections of the GPU check (gpu_check.py): each takes a Ctx and returns its figures (a
+dict with a one-line "summary"), or raises; a failed check raises CheckFailed. The mechanisms
+are the benchmarks' (contenders, bench_head, bench_harness, bench_stack); this module only sizes
 and strings them together. The profiles size every section: GPU (one H200) and the tiny
 CPU smoke.
 """
@@ -16,8 +16,7 @@ import subprocess
 import sys
 import time
 
-import benchlib
-
+from benchmarks import benchlib
 from minigpt_jax import config as cfg
 
 REPO = benchlib.REPO
@@ -218,8 +217,8 @@ def _slim(r: dict) -> dict:
 def head_sweep(ctx: Ctx) -> list[dict]:
     """The baseline step with the static head path at each chunk size, whole batch included."""
     import jax
-    from bench_head import head_runs, time_steps
 
+    from benchmarks.bench_head import head_runs, time_steps
     from minigpt_jax import train
     c = ctx.config()
     whole = c.batch_size * c.seq_len
@@ -238,8 +237,8 @@ def eval_sweep(ctx: Ctx) -> list[dict]:
     import functools
 
     import jax
-    from bench_eval import compiled_eval, timed
 
+    from benchmarks.bench_eval import compiled_eval, timed
     from minigpt_jax import train
     c = ctx.config()
     rows = [r for r in ctx.profile.eval_rows if c.batch_size % r == 0] + [c.batch_size]
@@ -254,9 +253,10 @@ def eval_sweep(ctx: Ctx) -> list[dict]:
 
 
 def step(ctx: Ctx) -> dict:
-    import bench
-    import contenders as cons
     from tqdm.auto import tqdm
+
+    from benchmarks import bench
+    from benchmarks import contenders as cons
     p, machine = ctx.profile, ctx.machine
     no_torch = torch_status(machine["gpu"])
     ceiling = cons.Ceiling(machine["gpu"], no_torch is None, p.ceiling_n)
@@ -297,8 +297,7 @@ def step(ctx: Ctx) -> dict:
 # --- the harness, five experiments on one device, stacked variants -------------------------
 
 def harness(ctx: Ctx) -> dict:
-    import bench_harness as bh
-
+    from benchmarks import bench_harness as bh
     from minigpt_jax import data, runner
     c = ctx.config()
     prepared = data.prepare(data.default_corpus(), c)
@@ -320,8 +319,9 @@ def harness(ctx: Ctx) -> dict:
                "harness_share_steady": 1 - bare / per_step,
                "harness_share_wall": 1 - bare * r.steps / wall}
     figures["summary"] = (f"{r.steps} steps in {wall:.1f} s; {1e3 * per_step:.2f} ms/step vs bare"
-                          f" {1e3 * bare:.2f}: harness share {100 * figures['harness_share_steady']:.0f}%"
-                          f" steady, {100 * figures['harness_share_wall']:.0f}% of the wall time")
+                          f" {1e3 * bare:.2f}: harness share"
+                          f" {100 * figures['harness_share_steady']:.0f}% steady,"
+                          f" {100 * figures['harness_share_wall']:.0f}% of the wall time")
     return figures
 
 
@@ -354,10 +354,10 @@ def concurrent(ctx: Ctx) -> dict:
 
 
 def stack(ctx: Ctx) -> dict:
-    import bench_stack as bs
     import numpy as np
     from tqdm.auto import tqdm
 
+    from benchmarks import bench_stack as bs
     from minigpt_jax import data
     p = ctx.profile
     c = ctx.config()
@@ -376,7 +376,8 @@ def stack(ctx: Ctx) -> dict:
             se = min(se, bs.separate_seconds(configs, batches, p.stack_steps, fuse))
         rows.append({"n": n, "stacked_s": st, "separate_s": se, "ratio": se / st,
                      "tokens_s_per_variant_stacked": tok / st,
-                     "tokens_s_total_stacked": n * tok / st, "tokens_s_total_separate": n * tok / se})
+                     "tokens_s_total_stacked": n * tok / st,
+                     "tokens_s_total_separate": n * tok / se})
         ctx.say(f"N={n}: stacked {st:.2f} s, separate {se:.2f} s: {se / st:.2f}x")
     if not rows:
         raise CheckFailed("no variant count measured within the budget")
@@ -388,7 +389,7 @@ def stack(ctx: Ctx) -> dict:
 
 
 def determinism(ctx: Ctx) -> dict:
-    import gpu_determinism
+    from benchmarks import gpu_determinism
     return gpu_determinism.determinism(ctx)
 
 

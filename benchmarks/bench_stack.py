@@ -1,4 +1,4 @@
-"""Benchmark stacked variants (minigpt_jax/stack.py) against the same variants run one after another.
+"""Benchmark stacked variants (minigpt_jax/stack.py) against the same variants one after another.
 
 For N = 1, 2, 4, 8 variants of one shape (they differ in lr and seed), on one device:
   stacked   one `stack.stacked_step` program over the N stacked states, each variant on
@@ -12,8 +12,8 @@ counts batch_size x seq_len positions per step and variant; "per variant" is wha
 variant's curve advances at, "total" is N times that.
 
 Examples:
-  python scripts/bench_stack.py                                # -> BENCHMARKS.md, "Measured: stacked variants"
-  python scripts/bench_stack.py --set embed_dim=64 --steps 20 --n 1,2,4
+  python -m benchmarks.bench_stack        # -> BENCHMARKS.md, "Measured: stacked variants"
+  python -m benchmarks.bench_stack --set embed_dim=64 --steps 20 --n 1,2,4
 """
 
 from __future__ import annotations
@@ -23,29 +23,26 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from minigpt_jax import config as cfg  # noqa: E402  (after the path set-up)
+from minigpt_jax import config as cfg
 
 BLOCK = 10  # steps between metric reads (loop.BLOCK), and per fused dispatch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench_stack.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="benchmarks.bench_stack",
+                                description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10,
                    help="timed steps per variant, a multiple of 10 (default: %(default)s)")
     p.add_argument("--n", default="1,2,4,8", help="variant counts (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2,
-                   help="stacked and separate measured in turn this many times; the fastest of each"
-                        " counts (default: %(default)s)")
+                   help="stacked and separate measured in turn this many times; the fastest"
+                        " of each counts (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides of the baseline (e.g. embed_dim=64 on a slow CPU)")
-    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update (default: %(default)s)")
+    p.add_argument("--out", default="BENCHMARKS.md",
+                   help="markdown file to update (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -137,12 +134,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ns = [int(x) for x in args.n.split(",") if x.strip()]
     if args.steps <= 0 or args.steps % BLOCK or not ns or min(ns) < 1 or args.rounds < 1:
-        raise SystemExit(f"bench_stack.py: --steps must be a positive multiple of {BLOCK}, --n and"
-                         " --rounds positive")
-    import benchlib
+        raise SystemExit(f"benchmarks.bench_stack: --steps must be a positive multiple of"
+                         f" {BLOCK}, --n and --rounds positive")
     import jax
     import numpy as np
 
+    from benchmarks import benchlib
     from minigpt_jax import data, host
 
     host.tune_host_allocator(jax.default_backend())
@@ -160,34 +157,39 @@ def main(argv=None) -> int:
             se = min(se, separate_seconds(configs, data_NKBL, args.steps, fuse))
         rows.append((n, st, se))
         tok = args.steps * c.batch_size * c.seq_len
-        print(f"N={n}: stacked {st:.2f} s ({tok / st:,.0f} tokens/s per variant), separate {se:.2f} s"
-              f" ({tok / se:,.0f} per variant, {tok * n / se:,.0f} in all): {se / st:.2f}x",
-              file=sys.stderr)
+        print(f"N={n}: stacked {st:.2f} s ({tok / st:,.0f} tokens/s per variant), separate"
+              f" {se:.2f} s ({tok / se:,.0f} per variant, {tok * n / se:,.0f} in all):"
+              f" {se / st:.2f}x", file=sys.stderr)
     tok = args.steps * c.batch_size * c.seq_len  # positions per variant in the timed steps
-    shape = ", ".join(f"{k}={v}" for k, v in cfg.parse_overrides(args.overrides).items()) or "baseline"
+    shape = (", ".join(f"{k}={v}" for k, v in cfg.parse_overrides(args.overrides).items())
+             or "baseline")
     lines = [
         "<!-- bench:begin stack -->",
         "### Measured: stacked variants",
         "",
-        (f"`python scripts/bench_stack.py{''.join(' --set ' + s for s in args.overrides)} --steps {args.steps}"
-        f" --n {args.n} --rounds {args.rounds}` on {dev.platform} ({dev.device_kind}), jax {jax.__version__}; shape: {shape}"
-        f" (batch {c.batch_size} x {c.seq_len}), default-corpus batches, variants differing in lr and seed;"
-        f" {args.steps} timed steps per variant after a compiled warm-up, the fastest of {args.rounds}"
-        " rounds (stacked and separate in turn);"
-        f" {'blocks of 10 steps in one dispatch' if fuse else 'single steps'}, metrics read every 10 steps."),
+        (f"`python -m benchmarks.bench_stack{''.join(' --set ' + s for s in args.overrides)}"
+         f" --steps {args.steps} --n {args.n} --rounds {args.rounds}` on {dev.platform}"
+         f" ({dev.device_kind}), jax {jax.__version__}; shape: {shape}"
+         f" (batch {c.batch_size} x {c.seq_len}), default-corpus batches, variants differing in"
+         f" lr and seed; {args.steps} timed steps per variant after a compiled warm-up, the"
+         f" fastest of {args.rounds} rounds (stacked and separate in turn);"
+         f" {'blocks of 10 steps in one dispatch' if fuse else 'single steps'}, metrics read"
+         " every 10 steps."),
         "",
-        ("| N | stacked s | separate s (N runs in turn) | tokens/s per variant, stacked | per variant, separate |"
-        " total tokens/s, stacked | total, separate | stacked / separate throughput |"),
+        ("| N | stacked s | separate s (N runs in turn) | tokens/s per variant, stacked |"
+         " per variant, separate | total tokens/s, stacked | total, separate |"
+         " stacked / separate throughput |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, st, se in rows:
-        lines.append(f"| {n} | {st:.2f} | {se:.2f} | {tok / st:,.0f} | {tok / se:,.0f} | {n * tok / st:,.0f} |"
-                     f" {n * tok / se:,.0f} | {se / st:.2f}x |")
+        lines.append(f"| {n} | {st:.2f} | {se:.2f} | {tok / st:,.0f} | {tok / se:,.0f} |"
+                     f" {n * tok / st:,.0f} | {n * tok / se:,.0f} | {se / st:.2f}x |")
     if dev.platform == "cpu":
-        lines += ["", ("On the CPU the step is compute-bound (\"Measured: main\": near the matmul ceiling), so a"
-                  " stack has no idle hardware to fill and is expected near 1x; what it saves is per-dispatch"
-                  " and per-step host work. The accelerator target (8 stacked >= 4x 8 separate on an H100)"
-                  " needs this script run there.")]
+        lines += ["", ("On the CPU the step is compute-bound (\"Measured: main\": near the matmul"
+                       " ceiling), so a stack has no idle hardware to fill and is expected near 1x;"
+                       " what it saves is per-dispatch and per-step host work. The accelerator"
+                       " target (8 stacked >= 4x 8 separate on an H100) needs this benchmark run"
+                       " there.")]
     lines += ["<!-- bench:end stack -->"]
     benchlib.write_section(pathlib.Path(args.out), lines)
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Download the wheels in gpu/wheels.txt for the GPU machine (CPython 3.12, x86-64 manylinux)
-# into gpu/wheels/ (git-ignored), where pip reaches PyPI; gpu/run_check.sh installs them there.
+# Download the wheels in benchmarks/gpu/wheels.txt for the GPU machine (CPython 3.12, x86-64
+# manylinux) into benchmarks/gpu/wheels/ (git-ignored), where pip reaches PyPI;
+# benchmarks/gpu/run_check.sh installs them there.
 set -eu
 cd "$(dirname "$0")"
 PIP=${PIP:-python3 -m pip}

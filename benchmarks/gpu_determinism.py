@@ -1,4 +1,4 @@
-"""gpu_check.py's determinism and resume section: child processes (XLA_FLAGS must be set
+"""The GPU check's determinism and resume section: child processes (XLA_FLAGS must be set
 before JAX starts) run the same steps twice and a stopped-and-resumed run, with and without
 --xla_gpu_deterministic_ops=true; the parent compares their metrics number for number."""
 
@@ -11,9 +11,18 @@ import pathlib
 import subprocess
 import sys
 
-from gpu_sections import COMPARED, GPU, REPO, SMOKE, CheckFailed, Ctx, child_env, one_line
-
+from benchmarks.gpu_sections import (
+    COMPARED,
+    GPU,
+    REPO,
+    SMOKE,
+    CheckFailed,
+    Ctx,
+    child_env,
+    one_line,
+)
 from minigpt_jax import config as cfg
+from minigpt_jax.options import RunOptions
 
 # --------------------------------------------------------------
 
@@ -23,9 +32,9 @@ FLAGS = (("default", ""), ("deterministic_ops", "--xla_gpu_deterministic_ops=tru
 def determinism_worker(out: pathlib.Path, steps: int, smoke: bool) -> int:
     """In a child process (XLA_FLAGS set before JAX starts): two identical runs a and b, and r
     stopped at steps // 2 then resumed; writes worker.json (b's steady seconds per step)."""
-    import bench_harness as bh
     import jax
 
+    from benchmarks import bench_harness as bh
     from minigpt_jax import data, loop
     base = (SMOKE if smoke else GPU).base
     c = cfg.experiment_config("baseline", base)
@@ -33,9 +42,9 @@ def determinism_worker(out: pathlib.Path, steps: int, smoke: bool) -> int:
     c = c.replace(max_epochs=math.ceil(steps / data.steps_per_epoch(len(prepared.train),
                                                                       c.batch_size)))
     exp = loop.Experiment("baseline", c, jax.devices()[0])
-    got = {k: loop.run_experiment(exp, prepared, out / k, max_steps=steps) for k in "ab"}
-    loop.run_experiment(exp, prepared, out / "r", max_steps=steps // 2)
-    got["r"] = loop.run_experiment(exp, prepared, out / "r", max_steps=steps, resume=True)
+    got = {k: loop.run_experiment(exp, prepared, RunOptions(out=out / k, max_steps=steps)) for k in "ab"}
+    loop.run_experiment(exp, prepared, RunOptions(out=out / "r", max_steps=steps // 2))
+    got["r"] = loop.run_experiment(exp, prepared, RunOptions(out=out / "r", max_steps=steps, resume=True))
     per_step = bh.steady_seconds(got["b"].rows) / (len(got["b"].rows) - bh.SKIP)
     (out / "worker.json").write_text(json.dumps({
         "per_step_s": per_step, "status": {k: r.status for k, r in got.items()},
@@ -57,8 +66,9 @@ def determinism(ctx: Ctx) -> dict:
     procs, errs = {}, {}
     for label, flag in FLAGS:
         out = ctx.tmp / f"det_{label}"
-        env = child_env(XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), flag) if f))
-        cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--worker", "determinism",
+        flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), flag) if f)
+        env = child_env(XLA_FLAGS=flags)
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", "determinism",
                "--out", str(out), "--steps", str(steps)] + (["--cpu-smoke"] if ctx.profile.smoke
                                                              else [])
         ctx.say(f"{label}: XLA_FLAGS={env['XLA_FLAGS']!r}")

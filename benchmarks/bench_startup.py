@@ -1,4 +1,4 @@
-"""Benchmark time to first step, whole-run time and peak memory of scripts/run.py at the users' size.
+"""Time to first step, whole-run time and peak memory of scripts/run.py at the users' size.
 
 For each size (--sizes), a tokenized_data.pt shaped like the users' data (a
 torch.save'd list of int64 1-D tensors, chunks of up to 512 random ids, 90%
@@ -19,17 +19,18 @@ Per run: start-up (process start to the first step's dispatch, compilation
 excluded: the moment the run prints "step program traced and compiled in X s",
 less X), compile seconds, total wall seconds, peak RSS (wait4's ru_maxrss, the
 process and its waited-for children) and its excess over the corpus run,
-against the issue 18 target of 2 x N x 4 bytes for N tokens (with the cache).
+against the target of 2 x N x 4 bytes for N tokens (with the cache; BENCHMARKS.md, "Time to
+first step and memory at the users' size").
 Also each run's own phase line (data, segment, compile, train, final_eval,
 outputs), and a check that every long phase printed its line. The modes run a
-tiny model (the data is what they measure); the smoke runs are issue 18's other
-target: baseline with every default as shipped (the 200-batch final evaluation
+tiny model (the data is what they measure); the smoke runs are that section's
+other target: baseline with every default as shipped (the 200-batch final evaluation
 included), on the embedded corpus and on each size with a warm cache.
 
 Examples:
-  python scripts/bench_startup.py                          # 10M and 100M -> BENCHMARKS.md
-  python scripts/bench_startup.py --sizes 1M --out /tmp/b.md
-  python scripts/bench_startup.py --sizes 10M,100M --data-dir /var/tmp/bench_data --steps 10
+  python -m benchmarks.bench_startup                  # 10M and 100M -> BENCHMARKS.md
+  python -m benchmarks.bench_startup --sizes 1M --out /tmp/b.md
+  python -m benchmarks.bench_startup --sizes 10M,100M --data-dir /var/tmp/bench_data --steps 10
 """
 
 from __future__ import annotations
@@ -43,14 +44,10 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from benchmarks import benchlib
 
-import benchlib  # noqa: E402
-
-PROG = "bench_startup.py"
+REPO = benchlib.REPO
+PROG = "benchmarks.bench_startup"
 SECTION = "startup"
 # Data, not the model, is what is measured. A 20-batch final evaluation: the shipped 200 cost
 # about a second each on a 2-core CPU, whatever the data (override with --set).
@@ -66,7 +63,8 @@ import sys, time
 import torch_compat
 from minigpt_jax import runner
 t = time.perf_counter()
-runner.load_data(sys.argv[1], [50257], readers=torch_compat.readers(), cache=sys.argv[2] == "cold")
+runner.load_data(sys.argv[1], [50257], readers=torch_compat.readers(),
+                 cache=sys.argv[2] == "cold")
 print(f"load {time.perf_counter() - t:.3f}")
 """
 
@@ -235,7 +233,7 @@ def bench_size(tokens: int, args, sets: list[str], base_env: dict, work: pathlib
     runs["load"] = load_rounds(pt, env, work, args.load_rounds)
     print(f"{PROG}: {tokens:,} tokens, data load alone, cold vs --no-cache: {runs['load']}",
           file=sys.stderr)
-    if not args.no_smoke:  # issue 18's smoke target: baseline, every default as shipped, cached
+    if not args.no_smoke:  # the smoke target: baseline, every default as shipped, cached
         runs["smoke"] = run_py(pt.parent, [], args.overrides, args.steps, env, work / "out")
         _progress(f"{tokens:,} tokens, smoke run (shipped defaults, cached)", runs["smoke"])
     return runs
@@ -254,8 +252,8 @@ def table(results: dict, corpus: dict, smoke: dict | None, steps: int) -> list[s
            f" {benchlib.fmt(corpus['startup'], '.1f')} s, wall {corpus['wall']:.1f} s, peak RSS"
            f" {base / 2**20:,.0f} MiB (the interpreter, JAX, the library and the compiled"
            " programs: the base every run pays before any data).", "",
-           "| tokens | run | start-up s | compile s | wall s | peak RSS MiB | above the corpus run MiB"
-           " | target 2xNx4 MiB | phases (s) |",
+           "| tokens | run | start-up s | compile s | wall s | peak RSS MiB"
+           " | above the corpus run MiB | target 2xNx4 MiB | phases (s) |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for tokens, runs in results.items():
         target = 2 * tokens * 4 / 2**20
@@ -283,9 +281,10 @@ def table(results: dict, corpus: dict, smoke: dict | None, steps: int) -> list[s
                    f" {benchlib.median(load['cold']) / benchlib.median(load['no-cache']):.2f}x")
         if smoke is not None and "smoke" in runs:
             r = runs["smoke"]
-            out.append(f"- {tokens / 1e6:,.0f}M: {steps}-step smoke run at baseline, every default"
-                       f" as shipped, cached: wall {r['wall']:.1f} s vs {smoke['wall']:.1f} s on the"
-                       f" embedded corpus, {r['wall'] - smoke['wall']:+.1f} s (target at most +60 s);"
+            out.append(f"- {tokens / 1e6:,.0f}M: {steps}-step smoke run at baseline, every"
+                       f" default as shipped, cached: wall {r['wall']:.1f} s vs"
+                       f" {smoke['wall']:.1f} s on the embedded corpus,"
+                       f" {r['wall'] - smoke['wall']:+.1f} s (target at most +60 s);"
                        f" {_phases(r)}")
     return out
 
@@ -308,7 +307,8 @@ def main(argv=None) -> int:
     sets = TINY + args.overrides
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_startup-", dir=args.data_dir
                                          if pathlib.Path(args.data_dir).is_dir() else None))
-    base_env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(work / "xla")}
+    base_env = {**os.environ, "PYTHONPATH": str(REPO),
+                "JAX_COMPILATION_CACHE_DIR": str(work / "xla")}
     try:
         env = {**base_env, "XDG_CACHE_HOME": str(work / "cache-corpus")}
         run_py(None, [], sets, args.steps, env, work / "out")  # warms the compilation cache

@@ -14,8 +14,7 @@ import tempfile
 import time
 import warnings
 
-import benchlib
-
+from benchmarks import benchlib
 from minigpt_jax import config as cfg
 
 CONTENDERS = ("jax", "jax_fused", "torch", "torch_compile")
@@ -35,7 +34,7 @@ class Ceiling:
         if with_torch:
             import torch
             dev = "cuda" if gpu else "cpu"
-            ta, tb = torch.randn(self.n, self.n, device=dev), torch.randn(self.n, self.n, device=dev)
+            ta, tb = (torch.randn(self.n, self.n, device=dev) for _ in range(2))
             sync = torch.cuda.synchronize if gpu else (lambda: None)
             self.fns["torch"] = lambda: (torch.mm(ta, tb), sync())
         self.samples = {k: [] for k in self.fns}
