@@ -133,13 +133,13 @@ def main(argv=None) -> int:
     import jax
 
     from benchmarks import benchlib
-    from minigpt_jax import data, host, sources
+    from minigpt_jax import data, host
 
     host.tune_host_allocator(jax.default_backend())
     overrides = {"eval_every": 50, "ckpt_every": 50, **cfg.parse_overrides(args.overrides)}
     c = cfg.BASELINE.replace(**overrides)
     rows = []
-    for label, seqs in (("default corpus", sources.default_corpus()),
+    for label, seqs in (("default corpus", data.default_corpus()),
                         ("users'-shaped", benchlib.users_shaped(args.tokens))):
         prepared = data.prepare(seqs, c)
         steps = args.steps  # over as many epochs as it takes (the corpus: 47 steps an epoch)

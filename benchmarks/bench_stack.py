@@ -140,13 +140,13 @@ def main(argv=None) -> int:
     import numpy as np
 
     from benchmarks import benchlib
-    from minigpt_jax import data, host, sources
+    from minigpt_jax import data, host
 
     host.tune_host_allocator(jax.default_backend())
     c = cfg.BASELINE.replace(**cfg.parse_overrides(args.overrides))
     dev = jax.devices()[0]
     fuse = dev.platform != "cpu"
-    prepared = data.prepare(sources.default_corpus(), c)
+    prepared = data.prepare(data.default_corpus(), c)
     rows = []
     for n in ns:
         configs = variants(c, n)

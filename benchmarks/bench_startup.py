@@ -60,9 +60,11 @@ PHASE_LINES = {"data": r"^data: .* read and checked in", "segment": r"split and 
 # The data phase alone, in a fresh process: runner.load_data with and without the token cache
 LOAD = """
 import sys, time
+import torch_compat
 from minigpt_jax import runner
 t = time.perf_counter()
-runner.load_data(sys.argv[1], [50257], cache=sys.argv[2] == "cold")
+runner.load_data(sys.argv[1], [50257], readers=torch_compat.readers(),
+                 cache=sys.argv[2] == "cold")
 print(f"load {time.perf_counter() - t:.3f}")
 """
 

@@ -129,12 +129,13 @@ def users_shaped(tokens: int, seed: int = 0):
     """A Sequences of random ids in users'-shaped chunks (`users_shaped_lengths`)."""
     import numpy as np
 
-    from minigpt_jax import sources
+    from minigpt_jax.data import sequences
+
     lengths = users_shaped_lengths(tokens, seed)
     flat = np.random.default_rng(seed + 1).integers(0, cfg.PAD_TOKEN_ID, int(lengths.sum()),
                                                     dtype=np.int32)
-    return sources.Sequences(flat, sources.offsets_from_lengths(lengths), "tokenized",
-                             f"synthetic ({len(flat):,} tokens in {len(lengths):,} chunks)")
+    return sequences.Sequences(flat, sequences.offsets_from_lengths(lengths), "tokenized",
+                               f"synthetic ({len(flat):,} tokens in {len(lengths):,} chunks)")
 
 
 def make_batches(c: cfg.Config, kind: str, n_pipeline: int = 400):
@@ -148,8 +149,8 @@ def make_batches(c: cfg.Config, kind: str, n_pipeline: int = 400):
         rng = np.random.default_rng(c.seed)
         return [rng.integers(0, cfg.PAD_TOKEN_ID, (c.batch_size, c.seq_len)).astype(np.int32)
                 for _ in range(N_BATCHES)], None
-    from minigpt_jax import data, sources
-    train_chunks = data.prepare(sources.default_corpus(), c).train
+    from minigpt_jax import data
+    train_chunks = data.prepare(data.default_corpus(), c).train
     per_epoch = data.steps_per_epoch(len(train_chunks), c.batch_size)
     ds = data.batch_dataset(train_chunks, c.batch_size, c.seed, -(-n_pipeline // per_epoch))
     t = time.perf_counter()

@@ -35,10 +35,10 @@ def determinism_worker(out: pathlib.Path, steps: int, smoke: bool) -> int:
     import jax
 
     from benchmarks import bench_harness as bh
-    from minigpt_jax import data, loop, sources
+    from minigpt_jax import data, loop
     base = (SMOKE if smoke else GPU).base
     c = cfg.experiment_config("baseline", base)
-    prepared = data.prepare(sources.default_corpus(), c)
+    prepared = data.prepare(data.default_corpus(), c)
     c = c.replace(max_epochs=math.ceil(steps / data.steps_per_epoch(len(prepared.train),
                                                                       c.batch_size)))
     exp = loop.Experiment("baseline", c, jax.devices()[0])

@@ -298,9 +298,9 @@ def step(ctx: Ctx) -> dict:
 
 def harness(ctx: Ctx) -> dict:
     from benchmarks import bench_harness as bh
-    from minigpt_jax import data, runner, sources
+    from minigpt_jax import data, runner
     c = ctx.config()
-    prepared = data.prepare(sources.default_corpus(), c)
+    prepared = data.prepare(data.default_corpus(), c)
     steps = ctx.profile.harness_steps
     epochs = math.ceil(steps / data.steps_per_epoch(len(prepared.train), c.batch_size))
     t = time.perf_counter()
@@ -358,11 +358,11 @@ def stack(ctx: Ctx) -> dict:
     from tqdm.auto import tqdm
 
     from benchmarks import bench_stack as bs
-    from minigpt_jax import data, sources
+    from minigpt_jax import data
     p = ctx.profile
     c = ctx.config()
     fuse = ctx.machine["gpu"]
-    prepared = data.prepare(sources.default_corpus(), c)
+    prepared = data.prepare(data.default_corpus(), c)
     tok = p.stack_steps * c.batch_size * c.seq_len
     rows = []
     for n in tqdm(p.stack_ns, desc="stacked variants", file=sys.stderr):

@@ -46,7 +46,7 @@ PROGRESS_KEYS = ("step", "next_batch", "tokens", "seconds")
 def progress_record(step: int = 0, next_batch: int = 0, tokens: int = 0, seconds: float = 0.0,
                     data: str = "") -> dict:
     """The progress item: where the data stream and the counters stand at `step`, and which
-    data they stand in (`data`: sources.Sequences.fingerprint; "" when unknown)."""
+    data they stand in (`data`: data.Sequences.fingerprint; "" when unknown)."""
     return {"step": int(step), "next_batch": int(next_batch), "tokens": int(tokens),
             "seconds": float(seconds), "data": str(data)}
 

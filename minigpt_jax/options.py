@@ -39,6 +39,7 @@ class RunOptions:
     cache: bool = True  # read a .pt source through the token cache
     read_pt: Callable | None = None  # (path, vocab_size) -> sequences: the PyTorch .pt reader
     read_bin: Callable | None = None  # path -> {key: array}: a pytorch_model.bin reader
+    # (the library never imports torch_compat: the caller passes these; `readers` holds both)
     init_from: str | os.PathLike | None = None  # a local Hugging Face GPT-2 folder to start from
     # Devices, and what the run writes beyond the core outputs
     devices: Sequence[int] | None = None  # indices into jax.devices() (None: the first device)
@@ -49,6 +50,13 @@ class RunOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "out", pathlib.Path(self.out))
+
+    @property
+    def readers(self):
+        """read_pt and read_bin as the one object the layers below take (data.Readers)."""
+        from minigpt_jax.data.readers import Readers
+
+        return Readers(pt=self.read_pt, bin=self.read_bin)
 
     def replace(self, **changes) -> RunOptions:
         return dataclasses.replace(self, **changes)

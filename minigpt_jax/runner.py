@@ -168,20 +168,14 @@ def check_out_dir(out: pathlib.Path) -> None:
                        " expected a writable folder") from None
 
 
-def _pt_reader(path, vocab_size):
-    """The PyTorch .pt reader, looked up when a .pt file is read (torch is imported then)."""
-    from torch_compat.data import read_sequences
-
-    return read_sequences(path, vocab_size)
-
-
 def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file",
-              read_pt: Callable | None = None, cache: bool = True):
-    """The training data once (sources.load), checked for every vocabulary the experiments use."""
-    from minigpt_jax import sources
+              readers=None, cache: bool = True):
+    """The training data once (data.load; readers: data.Readers), checked for every vocabulary
+    the experiments use."""
+    from minigpt_jax import data
 
     vocab_sizes = sorted(set(vocab_sizes))
-    seqs = sources.load(path, vocab_sizes[-1], text_docs, read_pt or _pt_reader, cache)
+    seqs = data.load(path, vocab_sizes[-1], text_docs, readers or data.Readers(), cache)
     for vocab_size in vocab_sizes[:-1]:
         seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
     return seqs
@@ -223,13 +217,15 @@ def run(experiments: Sequence[str] | None = None, *, overrides: Mapping[str, Any
     default the embedded corpus), devices (indices into jax.devices(), the PyTorch project's
     --devices rule; default all on the first device), max_steps, resume, stack, data_parallel,
     concurrent (up to this many experiments at the same time on each device), text_docs,
-    cache (read a .pt source through the token cache), init_from (a local Hugging Face GPT-2
-    folder every experiment starts from; read_bin reads its pytorch_model.bin, if that is what
-    it holds), export_hf (write <out>/hf/<name>/ as each experiment finishes), writers
-    (experiment -> extra metric writers, e.g. W&B), read_pt (path, vocab_size -> the .pt
-    reader), on_result (called as each experiment finishes, after its curves), stop (set it to
-    save and stop every experiment at its next block), gpu_index (host.restrict_gpus' map),
-    command (for the report).
+    cache (read a .pt source through the token cache, data/token_cache.py), init_from (a
+    local Hugging Face GPT-2 folder every experiment starts from; read_bin reads its
+    pytorch_model.bin, if that is what it holds), export_hf (write <out>/hf/<name>/ as each
+    experiment finishes), writers (experiment -> extra metric writers, e.g. W&B), read_pt
+    (path, vocab_size -> the .pt data: torch_compat.read_sequences) and read_bin
+    (torch_compat.read_numpy_state_dict: the library never imports torch_compat, so without
+    them a .pt or .bin is a one-line error), on_result (called as each experiment finishes,
+    after its curves), stop (set it to save and stop every experiment at its next block),
+    gpu_index (host.restrict_gpus' map), command (for the report).
     """
     p = plan(experiments, overrides, sweeps, override_text, seeds)
     opts = RunOptions(out=out, **options)
@@ -242,7 +238,7 @@ def execute(p: Plan, opts: RunOptions) -> list:
     them, training and the outputs -> one loop.Result per experiment."""
     params, notes = {}, []
     if opts.init_from is not None:
-        p, params, notes = _init_from(p, opts.init_from, opts.read_bin)
+        p, params, notes = _init_from(p, opts.init_from, opts.readers)
     import jax
 
     from minigpt_jax import loop, placement
@@ -262,7 +258,7 @@ def execute(p: Plan, opts: RunOptions) -> list:
         tqdm.write(f"--init-from {opts.init_from}: {note}", file=sys.stderr)
     t = time.perf_counter()
     seqs = load_data(opts.data, [c.vocab_size for c in p.configs.values()], opts.text_docs,
-                     opts.read_pt, opts.cache)
+                     opts.readers, opts.cache)
     data_seconds = time.perf_counter() - t
     exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint,
                             experiment=p.experiment(name))
@@ -275,12 +271,12 @@ def execute(p: Plan, opts: RunOptions) -> list:
     return _train(exps, seqs, opts, phases, lead)
 
 
-def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
+def _init_from(p: Plan, hf_dir, readers) -> tuple[Plan, dict, list[str]]:
     """The plan with the folder's model shape and its initial params (hf.init_from)."""
     from minigpt_jax import hf
 
     try:
-        configs, params, notes = hf.init_from(hf_dir, p.configs, read_bin)
+        configs, params, notes = hf.init_from(hf_dir, p.configs, readers)
     except hf.HFError as e:  # every HFError of a folder starts with the folder's path
         raise hf.HFError(f"--init-from {e}") from None
     experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))

@@ -43,14 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from minigpt_jax import sources, token_cache
-    from torch_compat.data import read_sequences
+    import torch_compat
+    from minigpt_jax import data
 
     try:
-        seqs = sources.load(args.path, args.vocab_size, args.text_docs, read_pt=read_sequences,
-                            cache=False)
-        file = token_cache.write_prepared(seqs, args.out_dir)
-    except (sources.DataError, ImportError) as e:
+        seqs = data.load(args.path, args.vocab_size, args.text_docs, torch_compat.readers(),
+                         cache=False)
+        file = data.write_prepared(seqs, args.out_dir)
+    except (data.DataError, ImportError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
               " expected a writable folder", file=sys.stderr)
         return 2
     print(f"prepare_data.py: {seqs.describe()} -> {file}"
-          f" ({sources.storage_dtype(seqs.tokens)} tokens, {seqs.fingerprint[:19]})",
+          f" ({data.storage_dtype(seqs.tokens)} tokens, {seqs.fingerprint[:19]})",
           file=sys.stderr)
     return 0
 

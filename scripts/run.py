@@ -94,15 +94,9 @@ def fail(message: str) -> int:
     return 2
 
 
-def read_bin(path):
-    """A Hugging Face folder's pytorch_model.bin, read with torch (weights_only)."""
-    import torch_compat
-
-    return torch_compat.read_numpy_state_dict(path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch_compat
     from minigpt_jax import host, placement
     from minigpt_jax.options import RunOptions
     from torch_compat.export import export_result
@@ -124,7 +118,8 @@ def main(argv=None) -> int:
             reference=args.reference,
             concurrent=runner.positive_int("--concurrent", args.concurrent),
             writers=runner.wandb_writers(args.wandb), on_result=lambda r: export_result(out, r),
-            data=args.data, text_docs=args.text_docs, cache=not args.no_cache, read_bin=read_bin,
+            data=args.data, text_docs=args.text_docs, cache=not args.no_cache,
+            read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
             init_from=args.init_from, devices=devices, data_parallel=args.data_parallel,
             export_hf="hf" in args.export,
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]))
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
     restriction = host.restrict_gpus(devices, os.environ, host.cuda_installed(), host.gpu_count())
     os.environ.update(restriction.env)
     host.enable_compilation_cache()
-    from minigpt_jax import checkpoint, sources
+    from minigpt_jax import checkpoint, data
 
     signal.signal(signal.SIGINT, lambda s, f: on_signal(stop, s))
     signal.signal(signal.SIGTERM, lambda s, f: on_signal(stop, s))
@@ -145,7 +140,7 @@ def main(argv=None) -> int:
 
         host.tune_host_allocator(jax.default_backend())  # before the first computation
         results = runner.execute(plan, opts.replace(gpu_index=restriction.index))
-    except (cfg.ConfigError, sources.DataError, checkpoint.CheckpointError, ValueError,
+    except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
             ImportError) as e:  # the library's one-line errors: bad input
         return fail(str(e))
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from conftest import load_script
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
-from minigpt_jax import evaluation, models, sources  # noqa: E402
+from minigpt_jax import data, evaluation, trained  # noqa: E402
 from minigpt_jax.config import Config  # noqa: E402
 
 SMALL = {
@@ -34,7 +34,7 @@ def reference_loss(logits_of, config: Config, max_batches: int) -> float:
     """The loss a PyTorch model computes on the batches evaluate.py takes (training's split)."""
     from torch_compat.reference import masked_lm_loss
 
-    rows = models.segments(sources.default_corpus(config.vocab_size), config, "val")
+    rows = trained.segments(data.default_corpus(config.vocab_size), config, "val")
     total = count = 0.0
     for batch in evaluation.final_batches(rows, max_batches, config.batch_size, config.seed):
         with torch.no_grad():

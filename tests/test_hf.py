@@ -13,8 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from minigpt_jax import corpus, generate, hf, tokenizer  # noqa: E402
+from minigpt_jax import generate, hf, tokenizer  # noqa: E402
 from minigpt_jax.config import PAD_TOKEN_ID, Config  # noqa: E402
+from minigpt_jax.data import corpus  # noqa: E402
 from minigpt_jax.model import MiniGPT, init_params  # noqa: E402
 
 
@@ -148,9 +149,7 @@ def test_gpt2_style_checkpoint_imports_with_notes_and_equal_logits(
     import torch_compat
 
     model = gpt2_style(tmp_path / "gpt2", safetensors)
-    params, c, notes = hf.load(
-        tmp_path / "gpt2", seq_len=64, read_bin=torch_compat.read_numpy_state_dict
-    )
+    params, c, notes = hf.load(tmp_path / "gpt2", seq_len=64, readers=torch_compat.readers())
     assert (c.activation, c.seq_len, c.embed_dim, c.n_heads, c.ffn_mult) == (
         "gelu_tanh",
         64,
@@ -171,8 +170,11 @@ def test_gpt2_style_checkpoint_imports_with_notes_and_equal_logits(
 
 def test_a_pickled_checkpoint_needs_the_reader_passed_in(tmp_path):
     gpt2_style(tmp_path / "gpt2", safetensors=False)
-    with pytest.raises(hf.HFError, match="pytorch_model.bin: a PyTorch pickle"):
+    with pytest.raises(hf.HFError) as e:
         hf.load(tmp_path / "gpt2")
+    message, file = str(e.value), tmp_path / "gpt2" / "pytorch_model.bin"
+    assert message.startswith(f"{file}: ") and "\n" not in message
+    assert "no reader" in message and "read_bin=torch_compat.read_numpy_state_dict" in message
 
 
 REFUSED = [

@@ -15,7 +15,6 @@ from minigpt_jax import (
     loop,
     parallel,
     program,
-    sources,
     tables,
     train,
 )
@@ -26,7 +25,7 @@ from minigpt_jax.options import RunOptions
 @pytest.fixture(scope="module")
 def seqs():
     rng = np.random.default_rng(0)
-    return sources.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
+    return data.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
 
 
 def small(**kw) -> Config:
@@ -309,7 +308,7 @@ def test_bounded_final_sample_is_the_same_across_experiments_data_copies_and_a_r
                                                                                       prep):
     c = small(eval_final_batches=2)
     assert 2 * c.batch_size < len(prep.val), "the bound must make it a sample"
-    again = data.prepare(sources.from_arrays(seqs.to_list(), "the same data, read again"), c)
+    again = data.prepare(data.from_arrays(seqs.to_list(), "the same data, read again"), c)
     picked = evaluation.final_batches(prep.val, 2, c.batch_size, c.seed)
     np.testing.assert_array_equal(
         np.stack(picked), np.stack(evaluation.final_batches(again.val, 2, c.batch_size, c.seed)))

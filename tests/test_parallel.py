@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import start_script, tiny_args
 
-from minigpt_jax import data, loop, sources
+from minigpt_jax import data, loop
 from minigpt_jax.config import Config
 from minigpt_jax.options import RunOptions
 
@@ -26,7 +26,7 @@ TINY = tiny_args(batch_size=8)
 def chunks():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 50000, n) for n in rng.integers(40, 200, 60)]
-    return data.prepare(sources.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
+    return data.prepare(data.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
 
 
 def losses(rows):

@@ -170,10 +170,9 @@ def test_bad_arguments_write_no_report(tmp_path):
 
 
 def test_data_statistics_keep_the_counts_not_the_segments():
-    from minigpt_jax import sources
 
     rng = np.random.default_rng(0)
-    seqs = sources.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
+    seqs = data.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
     a = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
     results = [fake_result("a", a, [10.0]), fake_result("b", a.replace(lr=1e-3), [10.0]),
                fake_result("c", a.replace(seq_len=64), [10.0])]

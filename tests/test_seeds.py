@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minigpt_jax import config, data, evaluation, runner, sources
+from minigpt_jax import config, data, evaluation, runner
 from minigpt_jax.options import RunOptions
 
 SMALL = {"embed_dim": 16, "n_heads": 2, "n_layers": 1, "seq_len": 32, "batch_size": 4,
@@ -51,7 +51,7 @@ def test_a_reference_outside_the_run_is_refused(tmp_path):
 
 def test_the_held_out_split_and_samples_do_not_move_with_the_seed():
     rng = np.random.default_rng(0)
-    seqs = sources.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 60)], "t")
+    seqs = data.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 60)], "t")
     c = config.Config(**SMALL)
     a, b = data.prepare(seqs, c.replace(seed=1)), data.prepare(seqs, c.replace(seed=2))
     assert a is b  # one memoised split: the data seed decides it

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources, stack, tables
+from minigpt_jax import checkpoint, data, loop, parallel, stack, tables
 from minigpt_jax.config import Config
 from minigpt_jax.options import RunOptions
 
@@ -22,7 +22,7 @@ PARAM_ATOL_LR = 0.1
 @pytest.fixture(scope="module")
 def seqs():
     rng = np.random.default_rng(0)
-    return sources.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
+    return data.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
 
 
 def small(**kw) -> Config:
@@ -163,7 +163,7 @@ def test_stackable_refuses_what_is_not_a_value():
 @pytest.mark.slow
 def test_variants_of_different_lengths_each_stop_at_their_own_end(seqs, tmp_path):
     """One epoch and two: the shorter variant is frozen at its end and equals its separate run."""
-    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+    few = data.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
                               "few")
     exps = [loop.Experiment("one", small(max_epochs=1, seed=5), jax.devices()[1]),
             loop.Experiment("two", small(max_epochs=2, seed=5, lr=1e-3), jax.devices()[1])]
@@ -197,7 +197,7 @@ def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_p
 
 
 def test_what_cannot_run_as_one_stack_is_refused_before_anything_is_written(seqs, tmp_path):
-    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+    few = data.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
                               "few")
     exps = [loop.Experiment(n, small(lr_schedule="cosine"), jax.devices()[0]) for n in ("x", "y")]
     preps = [data.prepare(seqs, exps[0].config), data.prepare(few, exps[0].config)]

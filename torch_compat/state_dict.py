@@ -247,7 +247,7 @@ def load_params(path: str | os.PathLike, config: Config | None = None, n_heads: 
 
 def read_numpy_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A .pt/.bin state dict (torch.load, weights_only) as {key: NumPy array}, for readers that
-    take NumPy (minigpt_jax.hf.load's read_bin: a Hugging Face pytorch_model.bin)."""
+    take NumPy (minigpt_jax.data.Readers.bin: a Hugging Face pytorch_model.bin)."""
     sd = unwrap(load_state_dict_file(path))
     torch = require_torch(f"reading {path}")
     bad = [str(k) for k, v in sd.items() if not torch.is_tensor(v)]

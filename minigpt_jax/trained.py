@@ -1,9 +1,10 @@
 """A trained model from wherever it lives, and its held-out loss on any data.
 
 - `load` reads an Orbax experiment or step folder (checkpoint.py), a Hugging
-  Face folder (hf.py) or a PyTorch .pt state dict through `read_pt`, which the
-  caller passes in (torch_compat.load_params: this package never imports torch).
-- `evaluate` splits the data by the training rule (data.prepare with the
+  Face folder (hf.py) or a PyTorch .pt state dict, the last two through the
+  readers the caller passes in (data.Readers; torch_compat.readers() fills
+  them: this package never imports torch).
+- `score` splits the data by the training rule (data.prepare with the
   config's seq_len, segmentation, val_fraction and seed), so the held-out
   segments are exactly the ones the run validated on, and evaluates the final
   evaluation's sample (evaluation.final_batches) with the loop's own call: an
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from minigpt_jax import hf
+from minigpt_jax import data, hf
 from minigpt_jax.config import Config
-from minigpt_jax.sources import DataError, Sequences
+from minigpt_jax.data import DataError, Readers, Sequences
 
 SPLITS = ("val", "all")
 
@@ -33,8 +33,7 @@ class ModelError(ValueError):
 def load(
     path: str | os.PathLike,
     *,
-    read_pt: Callable[[pathlib.Path], tuple[dict, Config]] | None = None,
-    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+    readers: Readers = Readers(),
     seq_len: int | None = None,
 ) -> tuple[dict, Config, list[str]]:
     """(params, config, notes) of an Orbax folder, a Hugging Face folder or a .pt file.
@@ -47,12 +46,10 @@ def load(
                 f"{path}: a file, but not a .pt state dict; expected a .pt file, an"
                 " Orbax checkpoint folder or a Hugging Face folder"
             )
-        if read_pt is None:
-            raise ModelError(f"{path}: a PyTorch state dict, which needs torch_compat to read")
-        params, config = read_pt(path)
+        params, config = readers.need("state_dict", path, ModelError)(path)
         notes = []
     elif hf.is_hf_folder(path):
-        return hf.load(path, seq_len, read_bin=read_bin)
+        return hf.load(path, seq_len, readers=readers)
     elif path.is_dir():
         from minigpt_jax import checkpoint
 
@@ -70,8 +67,6 @@ def load(
 
 def segments(seqs: Sequences, config: Config, split: str = "val") -> np.ndarray:
     """The held-out segments training used for config (split "val"), or every segment ("all")."""
-    from minigpt_jax import data
-
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     prepared = data.prepare(seqs, config)
@@ -85,7 +80,7 @@ def segments(seqs: Sequences, config: Config, split: str = "val") -> np.ndarray:
     return rows
 
 
-def evaluate(
+def score(
     params,
     config: Config,
     seqs: Sequences,

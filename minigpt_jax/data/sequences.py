@@ -1,5 +1,4 @@
-"""Token sequences as one flat array, the checks every source passes, and `load`, which reads
-any source the command line takes.
+"""Token sequences as one flat array, the checks every source passes, and DataError.
 
 - `Sequences` holds n sequences as a flat `tokens` array (int32, or uint16 as
   the token cache maps it) and int64 `offsets` (n + 1): sequence i is
@@ -10,34 +9,26 @@ any source the command line takes.
   in their canonical dtype, `storage_dtype`): equal for the same sequences
   however they were read (a .pt, its cache entry, a prepared folder, a copy on
   another machine), different when any id, boundary or the kind differs.
-- `kind` says which segmentation case applies (SPEC, Data): "tokenized"
+- `kind` says which segmentation case applies (docs/spec.md, Data): "tokenized"
   sequences (tokenized_data.pt, the default corpus) of 32..128 tokens are kept
   whole; "rows" (sample_dataset.pt) are always cut into segments.
 - Checks are vectorised; a failure is a DataError, one line: "<source>: what
   was found; expected ...", naming the sequence, the position and the value.
-- Reading .pt files lives in torch_compat.data (torch_compat depends on this
-  package, never the reverse): `load` is handed its reader as `read_pt`, and
-  reads through the token cache (minigpt_jax.token_cache). `from_arrays` takes
-  any list of 1-D arrays, and `default_corpus` gives the embedded corpus this way.
+- The lowest module of the data package: every other one imports it, it
+  imports none of them. `from_arrays` takes any list of 1-D arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from minigpt_jax.config import VOCAB_SIZE
 
 KINDS = ("tokenized", "rows")
-TOKENIZED_DATA = "tokenized_data.pt"
-SAMPLE_DATASET = "sample_dataset.pt"
-DATA_FILES = (TOKENIZED_DATA, SAMPLE_DATASET)  # a folder's candidates, in order of preference
-PREPARED_FILE = "sequences.bin"  # what scripts/prepare_data.py writes into its folder
 _BLOCK = 1 << 24  # tokens per block where a check needs temporaries: bounds their memory
 _DIGEST_FORMAT = 1  # bump when what the fingerprint covers changes
 
@@ -198,83 +189,3 @@ def from_arrays(
     check_range(flat, offsets, 0, source, vocab_size)
     return Sequences(flat.astype(np.int32, copy=False), offsets, kind, source)
 
-
-def default_corpus(vocab_size: int = VOCAB_SIZE) -> Sequences:
-    """The embedded default corpus (minigpt_jax.corpus) as checked "tokenized" Sequences."""
-    from minigpt_jax import corpus
-
-    return from_arrays(corpus.default_corpus(), "default corpus", "tokenized", vocab_size)
-
-
-# --- every source the command line takes ------------------------------------------------
-
-
-def find_data_file(folder: str | os.PathLike) -> pathlib.Path:
-    """The folder's tokenized_data.pt, else its sample_dataset.pt, else DataError."""
-    folder = pathlib.Path(folder)
-    for name in DATA_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(
-        f"{folder}: a folder with neither {TOKENIZED_DATA} nor {SAMPLE_DATASET};"
-        " expected one of them"
-    )
-
-
-def is_prepared(path: pathlib.Path) -> bool:
-    """A folder written by scripts/prepare_data.py, or the file in it."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        return (path / PREPARED_FILE).is_file()
-    return path.name == PREPARED_FILE and path.is_file()
-
-
-def is_text(path: pathlib.Path) -> bool:
-    """A .txt file, or a folder of .txt files without the PyTorch project's data files (or a
-    prepared folder's file)."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        names = (*DATA_FILES, PREPARED_FILE)
-        return not any((path / name).is_file() for name in names) and any(path.rglob("*.txt"))
-    return path.suffix == ".txt"
-
-
-PtReader = Callable[[pathlib.Path, int], Sequences]  # (file or data folder, vocab_size) -> checked
-
-
-def load(
-    path: str | os.PathLike | None,
-    vocab_size: int = VOCAB_SIZE,
-    text_docs: str = "file",
-    read_pt: PtReader | None = None,
-    cache: bool = True,
-) -> Sequences:
-    """The training data once, checked against vocab_size.
-
-    path: None for the default corpus; a prepared folder (scripts/prepare_data.py)
-    or its file, memory-mapped and verified, no torch needed; a .txt file or a
-    folder of them (text_docs: "file" or "block", see text_source; cached by
-    content); else a .pt file or data folder, read by `read_pt` (e.g.
-    torch_compat.data.read_sequences) through the token cache, or every time
-    with cache=False. DataError (one line) for anything unusable.
-    """
-    from minigpt_jax import token_cache
-
-    if path is None:
-        return default_corpus(vocab_size)
-    path = pathlib.Path(path)
-    if is_prepared(path):
-        return token_cache.read_prepared(path, vocab_size)
-    if is_text(path):
-        from minigpt_jax import text_source
-
-        docs = text_source.load_text(path, text_docs)
-        return from_arrays(docs, f"{path} (text)", "tokenized", vocab_size)
-    if read_pt is None:
-        raise DataError(
-            f"{path}: PyTorch .pt data; expected a reader for it (read_pt, e.g."
-            " torch_compat.data.read_sequences), or a folder from scripts/prepare_data.py"
-        )
-    if not cache:
-        return read_pt(path, vocab_size)
-    return token_cache.cached(path, vocab_size, read_pt)

@@ -72,7 +72,7 @@ def documents() -> list[str]:
 def build_default_corpus(max_tokens: int = DEFAULT_CORPUS_TOKENS) -> list[np.ndarray]:
     """Tokenize documents in a seeded order until max_tokens; one array per document.
 
-    Documents under SEQ_MIN tokens are left out: SPEC's segmentation would drop
+    Documents under SEQ_MIN tokens are left out: docs/spec.md's segmentation would drop
     them, and the budget is meant for tokens that train."""
     docs = documents()
     order = np.random.default_rng(CORPUS_SEED).permutation(len(docs))

@@ -3,7 +3,7 @@
 - Documents: `per="file"` (the default) makes each file one document, which
   the segmentation then cuts into training sequences; `per="block"` makes each
   blank-line-separated block one document, for files that hold many short
-  texts. (SPEC's segmentation drops documents under 32 tokens: short blocks
+  texts. (docs/spec.md's segmentation drops documents under 32 tokens: short blocks
   want `segmentation=chunks`.) Documents are joined by nothing: no
   <|endoftext|> is added, as PAD (50256) is never a label.
 - A folder is searched recursively for `*.txt`, in sorted path order, leaving
@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minigpt_jax import tokenizer
-from minigpt_jax.data import DataError
+from minigpt_jax.data.sequences import DataError
 from minigpt_jax.files import atomic_path, cache_dir
 
 PER = ("file", "block")

@@ -5,7 +5,7 @@
   source, dtype, sequences, tokens, max_id, fingerprint, key) and its sha256,
   then, each at a
   64-byte-aligned offset, the (n + 1) int64 offsets and the T tokens in their
-  canonical dtype (sources.storage_dtype: uint16 where every id fits, else
+  canonical dtype (sequences.storage_dtype: uint16 where every id fits, else
   int32). The file ends exactly there. Entries live in
   `files.cache_dir()/tokens/<path hash>-<key hash>.bin`; writing one removes
   that file's older entries, so a file that changes keeps one entry, not one
@@ -21,7 +21,7 @@
   cached, and a file whose key differs after the read than before (changed
   while read) is not either, so no entry can stand for other bytes.
 - Integrity: the header's own digest, its sizes against the file's size (a
-  truncated entry), then the fingerprint (sources.content_digest, a full sha256 of offsets and
+  truncated entry), then the fingerprint (sequences.content_digest, a full sha256 of offsets and
   tokens) recomputed and compared on every open (a flipped bit anywhere;
   about as fast as reading the pages, which training reads anyway, and a
   small share of the torch.load it replaces). A damaged entry is named in one
@@ -34,7 +34,7 @@
   mapped an entry keeps its pages if another replaces it.
 - A cache folder that cannot be written costs one notice and a read each run.
 - Prepared folders (scripts/prepare_data.py) hold the same format as
-  `<folder>/sources.PREPARED_FILE`, without a key: memory-mapped and verified
+  `<folder>/PREPARED_FILE`, without a key: memory-mapped and verified
   on every open, no torch needed, so a prepared data set copies to another
   machine as it is.
 """
@@ -52,19 +52,18 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from minigpt_jax.files import atomic_path, cache_dir
-from minigpt_jax.sources import (
+from minigpt_jax.data.readers import PtReader, find_data_file
+from minigpt_jax.data.sequences import (
     KINDS,
-    PREPARED_FILE,
     DataError,
-    PtReader,
     Sequences,
     canonical_blocks,
     check_nonempty,
-    find_data_file,
     storage_dtype,
 )
+from minigpt_jax.files import atomic_path, cache_dir
 
+PREPARED_FILE = "sequences.bin"  # what scripts/prepare_data.py writes into its folder
 MAGIC = b"minigpt-jax sequences\n"
 FORMAT = 1  # bump when the layout or the key changes: older entries are then misses
 RACY_S = 2.0  # a file changed this recently is read but not cached (see the key, above)
@@ -230,7 +229,7 @@ def read_prepared(path: str | os.PathLike, vocab_size: int) -> Sequences:
 
 
 def write_prepared(seqs: Sequences, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Checked Sequences -> out_dir/PREPARED_FILE (atomically), which `sources.load(out_dir)`
+    """Checked Sequences -> out_dir/PREPARED_FILE (atomically), which `data.load(out_dir)`
     takes directly. OSError when out_dir cannot be written."""
     file = pathlib.Path(out_dir) / PREPARED_FILE
     write(seqs, file)
