@@ -8,17 +8,15 @@ checkpoints/<name>/ (Orbax) and mini_gpt_<name>.pt (docs/options.md).
 
 Examples:
   python scripts/run.py                                   # all five, default corpus
-  python scripts/run.py --devices 1,2,3,4,5               # experiment i on jax.devices()[devices[i]]
-  python scripts/run.py --only lr_1e-3                    # one experiment, as in run_experiments.py
+  python scripts/run.py --devices 1,2,3,4,5               # experiment i on the i-th device
+  python scripts/run.py --only lr_1e-3                    # one, as in run_experiments.py
   python scripts/run.py --experiments baseline --max-steps 20 --data data/
-  python scripts/run.py --set seq_len=128 --set lr=3e-4
   python scripts/run.py --sweep lr=1e-3,3e-4 --sweep batch_size=16,64  # a 2x2 grid over baseline
-  python scripts/run.py --data my_texts/ --set lr_schedule=cosine --set warmup_steps=100
+  python scripts/run.py --experiments baseline,lr_1e-3 --seeds 3  # mean, spread, paired tests
   python scripts/run.py --resume                          # continue from the latest checkpoints
   python scripts/run.py --only baseline --export hf       # also outcome/hf/baseline/ (transformers)
   python scripts/run.py --only baseline --init-from ~/gpt2  # fine-tune a local GPT-2 folder
-  python scripts/run.py --data-parallel --devices 0,1,2,3 # each experiment's batches split over 4 devices
-  python scripts/run.py --data-parallel --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
+  python scripts/run.py --data-parallel --devices 0,1,2,3 # each batch split over 4 devices
 
 Exit codes: 0 all finished; 1 an experiment failed; 2 bad input; 130 stopped by a signal.
 """
@@ -47,9 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--experiments", metavar="A,B,...", help="experiments to run (default: all: "
         + ",".join(cfg.EXPERIMENTS) + "; with --sweep: baseline)")
     add("--only", metavar="NAME", help="one experiment, or 'all' (the PyTorch project's flag)")
-    add("--devices", metavar="I,J,...", help="indices into jax.devices(): experiment i on the i-th,"
-        " cycling; indices that do not exist are left out; none left: every device (default: all"
-        " on the first device)")
+    add("--devices", metavar="I,J,...", help="indices into jax.devices(): experiment i on the"
+        " i-th, cycling; indices that do not exist are left out; none left: every device"
+        " (default: all on the first device)")
     add("--concurrent", default="1", metavar="N", help="up to N experiments at the same time on"
         " each device (default: %(default)s: one after another; docs/gpus.md)")
     add("--data", metavar="PATH", help="tokenized_data.pt, sample_dataset.pt or a folder of one"
@@ -59,23 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         " file, or per blank-line-separated block (default: %(default)s)")
     add("--out", default=str(REPO / "outcome"), help="output folder (default: outcome/)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, repeatable (docs/options.md); keys: " + ", ".join(cfg.field_names()))
+        help="override a config field, repeatable (docs/options.md); keys: "
+        + ", ".join(cfg.field_names()))
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="run every value"
         " of KEY (repeatable: the grid), named as the PyTorch project does: lr_1e-3")
     add("--stack", action="store_true", help="train experiments that share a device and differ"
         " only in lr, weight_decay, seed, max_epochs, val_fraction as one vmapped program")
     add("--export", choices=["hf"], action="append", default=[], help="also write each finished"
-        " experiment as a Hugging Face GPT2LMHeadModel folder, <out>/hf/<name>/ (docs/huggingface.md)")
+        " experiment as a GPT2LMHeadModel folder, <out>/hf/<name>/ (docs/huggingface.md)")
     add("--init-from", metavar="HF_DIR", help="start every experiment from a local Hugging Face"
         " GPT-2 folder's weights; the model's shape comes from it (docs/huggingface.md)")
     add("--wandb", metavar="PROJECT", help="also log metrics to Weights & Biases (needs wandb)")
     add("--max-steps", metavar="N", help="stop each experiment after N steps (default: max_epochs)")
     add("--seed", metavar="S", help="shorthand for --set seed=S")
-    add("--seeds", default="1", metavar="N", help="train every experiment with seeds S..S+N-1"
-        " (runs <name>_seed<s>, stacked on its device), with mean, spread and paired tests")
+    add("--seeds", default="1", metavar="N", help="every experiment with seeds S..S+N-1, stacked"
+        " on its device (runs <name>_seed<s>): mean, spread and paired tests (docs/options.md)")
     add("--seeds-apart", action="store_true", help="with --seeds: one seed after another")
-    add("--reference", metavar="NAME", help="the experiment others are compared with (default:"
-        " baseline, else the first)")
+    add("--reference", metavar="NAME", help="compare with this experiment (default: baseline)")
     add("--data-parallel", action="store_true", help="one experiment at a time, each batch split"
         " over all --devices (of every process)")
     add("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
@@ -115,8 +113,8 @@ def main(argv=None) -> int:
         opts = RunOptions(
             out=out, max_steps=runner.positive_int("--max-steps", args.max_steps),
             resume=args.resume, stop=stop, stack=args.stack, seeds_apart=args.seeds_apart,
-            reference=args.reference,
-            concurrent=runner.positive_int("--concurrent", args.concurrent),
+            reference=args.reference, concurrent=runner.positive_int("--concurrent",
+                                                                     args.concurrent),
             writers=runner.wandb_writers(args.wandb), on_result=lambda r: export_result(out, r),
             data=args.data, text_docs=args.text_docs, cache=not args.no_cache,
             read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
@@ -144,11 +142,9 @@ def main(argv=None) -> int:
             ImportError) as e:  # the library's one-line errors: bad input
         return fail(str(e))
     except KeyboardInterrupt:
-        # Leave now, without waiting for the experiments' threads: plots and tables are written
-        # to a temporary name and renamed, every checkpoint commits by a rename, and a metrics
-        # file's torn last row is cut when --resume continues from the checkpoints.
-        print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues from them)",
-              file=sys.stderr, flush=True)
+        # Leave now: every output commits by a rename; --resume cuts a torn metrics row
+        print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues"
+              " from them)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
     print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
@@ -165,13 +161,16 @@ def on_signal(stop: threading.Event, signum) -> None:
           " (send again to abort)", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The command. Bad input leaves without the interpreter's shutdown, where tensorstore
+    reads in flight from a refused checkpoint print tracebacks after the one line that matters."""
     code = main()
     if code == 2:
-        # Bad input: nothing was trained or written. Leave without the interpreter's
-        # shutdown, where tensorstore reads still in flight from a refused checkpoint
-        # print "Event loop is closed" tracebacks after the one line that matters.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()
