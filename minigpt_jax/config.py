@@ -1,4 +1,4 @@
-"""Configuration: the spec's constants, one frozen Config, the five experiments.
+"""Configuration: the contract's constants (docs/spec.md, Constants), one frozen Config, the five experiments.
 
 - Field names are the PyTorch project's, so a user's `--set embed_dim=64` means
   what it meant there.
@@ -16,11 +16,11 @@ import re
 from typing import Any
 
 VOCAB_SIZE = 50257  # GPT-2 vocabulary
-PAD_TOKEN_ID = 50256  # pads short chunks; ignored by the loss, masked as attention key
+PAD_TOKEN_ID = 50256  # pads short chunks; never a label, an ordinary attention key
 SEQ_LEN = 64  # default chunk length
-SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (SPEC, Data)
+SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (docs/spec.md)
 SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
-SEGMENTATIONS = ("pytorch", "chunks")  # SPEC's rule (their data.py), or every token in seq_len chunks
+SEGMENTATIONS = ("pytorch", "chunks")  # docs/spec.md's rule, or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the PyTorch project's); tanh GELU (GPT-2's own)
 MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")  # jax.default_matmul_precision's names
@@ -59,7 +59,7 @@ class Config:
     ckpt_minutes: float = 10.0  # wall-clock minutes between checkpoints (always one at the end and on a stop)
     ckpt_every: int = 0  # also a checkpoint every this many steps; 0 = by the clock only
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
-    segmentation: str = "pytorch"  # "pytorch": SPEC's rule (32..128 kept whole, longer cut); "chunks": every token
+    segmentation: str = "pytorch"  # "pytorch": docs/spec.md's rule; "chunks": every token
     # optimizer options (optim.py); the defaults are the PyTorch project's AdamW
     lr_schedule: str = "constant"  # "constant", or "cosine" from lr down to min_lr_ratio * lr
     warmup_steps: int = 0  # steps of linear warmup up to lr, before either schedule; 0 = none
@@ -87,7 +87,7 @@ class Config:
         if self.segmentation not in SEGMENTATIONS:
             raise ConfigError(
                 f"segmentation={self.segmentation!r}: must be one of {', '.join(SEGMENTATIONS)}")
-        # SPEC's rule keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
+        # the segmentation rule (docs/spec.md) keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
         low = SEQ_MIN if self.segmentation == "pytorch" else 2
         if not low <= self.seq_len <= SEQ_LEN_MAX:
             why = " (segmentation=pytorch keeps segments of at least 32 tokens)" if low == SEQ_MIN else ""

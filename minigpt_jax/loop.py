@@ -68,7 +68,7 @@ class Experiment:
     devices: tuple  # one device, or several for data parallelism
     overrides: str = ""  # human-readable overrides, for the results table
     params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
-    data_id: str = ""  # the data's fingerprint (sources.Sequences), recorded in checkpoints
+    data_id: str = ""  # the data's fingerprint (data.Sequences), recorded in checkpoints
     experiment: str = ""  # the experiment this run is one seed of ("": the run is the experiment)
 
     def __post_init__(self):  # the one check that the batch splits over the devices

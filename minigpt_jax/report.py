@@ -333,7 +333,7 @@ def results_section(out_dir: pathlib.Path, results, stacked: bool = False,
 # --- the page --------------------------------------------------------------------------------
 
 def source_text(seqs) -> str:
-    """How the report names a `sources.Sequences`: where it came from and its format."""
+    """How the report names a `data.Sequences`: where it came from and its format."""
     fmt = {"rows": "padded rows, sample_dataset.pt format",
            "tokenized": "token sequences, tokenized_data.pt format"}.get(seqs.kind, seqs.kind)
     if seqs.source == "default corpus":

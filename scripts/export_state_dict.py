@@ -3,7 +3,7 @@
 CHECKPOINT is outcome/checkpoints/<name> (its latest step) or one step folder.
 The result loads into the PyTorch project's own model (or
 torch_compat.reference.MiniGPT) with `model.load_state_dict(torch.load(OUT,
-weights_only=True), strict=True)`; its keys are the SPEC's state-dict contract.
+weights_only=True), strict=True)`; its keys are docs/spec.md's State dict.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""hf.py against transformers itself: export, import, tokenizer, refusals (SPEC, HF form)."""
+"""hf.py against transformers itself: export, import, tokenizer, refusals (docs/spec.md)."""
 
 import json
 import os

@@ -13,7 +13,7 @@ DEVICES = 2  # simulated CPU devices of each run
 
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
-    """Two documents of plain English, long enough for SPEC's segmentation (>= 32 tokens)."""
+    """Two documents of plain English, long enough for the segmentation (docs/spec.md) (>= 32 tokens)."""
     folder = tmp_path_factory.mktemp("text")
     words = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun".split()
     for i in range(2):

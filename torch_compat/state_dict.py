@@ -1,4 +1,4 @@
-"""Flax params <-> PyTorch state dicts with the SPEC's names and shapes.
+"""Flax params <-> PyTorch state dicts with docs/spec.md's names and shapes.
 
 - One explicit table maps each contract key to its Flax path; one transpose
   rule: a Flax Dense `kernel` (in, out) is a torch Linear `weight` (out, in).
@@ -94,7 +94,7 @@ def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
 
 
 def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
-    # SPEC's data rule needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
+    # the segmentation rule (docs/spec.md) needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
     segmentation = "pytorch" if seq_len >= SEQ_MIN else "chunks"
     try:
         return Config(vocab_size=V, embed_dim=D, n_heads=n_heads, n_layers=n_layers,
