@@ -1,1 +1,2 @@
-"""MiniGPT in JAX: config -> sources -> data -> model -> losses -> optim -> train -> loop -> parallel -> report."""
+"""MiniGPT in JAX: config -> sources -> data -> model -> losses -> optim -> train -> loop ->
+parallel -> report."""

@@ -14,12 +14,12 @@ nothing may read them after the next step, and a checkpoint without a device
 layout restores on any machine), then a thread of the experiment's own writes
 it with Orbax while training goes on. (Orbax's own asynchronous saves are not
 used: several managers saving the same step number at once from the
-experiments' threads failed in Orbax's temporary-folder handling.) A save is written to `<step>.orbax-checkpoint-tmp-*` and
-renamed when complete, so a process killed while saving leaves no step folder,
-only a temporary one that `latest_step` ignores (and a training manager
-deletes). A save that fails (disk full, no permission) is one SaveError line
-naming the folder, the cause and the space it needed; the previous checkpoint
-stays as it was.
+experiments' threads failed in Orbax's temporary-folder handling.) A save is
+written to `<step>.orbax-checkpoint-tmp-*` and renamed when complete, so a
+process killed while saving leaves no step folder, only a temporary one that
+`latest_step` ignores (and a training manager deletes). A save that fails
+(disk full, no permission) is one SaveError line naming the folder, the cause
+and the space it needed; the previous checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def checkpoint_dir(out_dir: pathlib.Path, name: str) -> pathlib.Path:
     return pathlib.Path(out_dir) / "checkpoints" / name
 
 
-def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+def manager(directory: pathlib.Path, max_to_keep: int = 2,
+            cleanup_tmp: bool = False) -> ocp.CheckpointManager:
     """cleanup_tmp: delete the temporary folders of saves that never finished (only
     for the one process that trains into `directory`: it would delete a running save)."""
     return ocp.CheckpointManager(
@@ -77,7 +78,8 @@ def manager(directory: pathlib.Path, max_to_keep: int = 2, cleanup_tmp: bool = F
 
 def brief(e: BaseException) -> str:
     """An error as one short line: its type and first line, without tensorstore's spec dump."""
-    plain = isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str)  # str() would quote it
+    # a KeyError's str() would quote its message
+    plain = isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str)
     lines = (e.args[0] if plain else str(e)).strip().splitlines()
     text = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
     text = text if len(text) <= 300 else text[:297] + "..."
@@ -94,7 +96,8 @@ def _drop_late_read_callbacks() -> None:
         return
 
     def hook(u):
-        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        if not (isinstance(u.exc_value, RuntimeError)
+                and str(u.exc_value) == "Event loop is closed"):
             previous(u)
 
     hook.drops_closed_loop_callbacks = True
@@ -121,7 +124,8 @@ def _save_args(host_state: dict, config: Config, progress: dict) -> ocp.args.Com
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, config: Config, progress: dict) -> None:
     """Save and wait for the write (scripts; training uses a Checkpointer)."""
-    mngr.save(int(state.step), args=_save_args(host_state_tree(state), config, progress), force=True)
+    mngr.save(int(state.step), args=_save_args(host_state_tree(state), config, progress),
+              force=True)
     mngr.wait_until_finished()
 
 
@@ -167,10 +171,12 @@ class Checkpointer:
         if _DROP not in logging.getLogger("absl").filters:
             logging.getLogger("absl").addFilter(_DROP)
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self.pending: tuple[int, int, concurrent.futures.Future] | None = None  # (step, bytes, write)
+        # (step, bytes, write)
+        self.pending: tuple[int, int, concurrent.futures.Future] | None = None
         self.saved: int | None = self.mngr.latest_step()
 
-    def restore(self, step: int, placement=None, total_steps: int | None = None) -> tuple[TrainState, dict]:
+    def restore(self, step: int, placement=None,
+                total_steps: int | None = None) -> tuple[TrainState, dict]:
         return restore(self.mngr, step, self.config, placement, total_steps)
 
     def _failed(self, step: int, need: int, e: BaseException) -> SaveError:
@@ -179,9 +185,10 @@ class Checkpointer:
             free = f", {_megabytes(shutil.disk_usage(self.directory).free)} free there"
         except OSError:
             free = ""
-        kept = f"the checkpoint of step {self.saved} is kept" if self.saved is not None else "no checkpoint is kept"
-        return SaveError(f"checkpoint {self.directory}: saving step {step} failed ({_cause(e)}; it needs"
-                         f" about {_megabytes(need)}{free}); {kept}")
+        kept = (f"the checkpoint of step {self.saved} is kept" if self.saved is not None
+                else "no checkpoint is kept")
+        return SaveError(f"checkpoint {self.directory}: saving step {step} failed ({_cause(e)};"
+                         f" it needs about {_megabytes(need)}{free}); {kept}")
 
     def wait(self) -> None:
         """Wait for the write in flight; SaveError if it failed."""
@@ -234,9 +241,11 @@ def read_config(mngr: ocp.CheckpointManager, step: int) -> Config:
         d = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         return Config.from_dict(d)
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{mngr.directory}/{step}: config item is not a minigpt_jax Config ({e})") from None
+        raise CheckpointError(f"{mngr.directory}/{step}: config item is not a minigpt_jax Config"
+                              f" ({e})") from None
     except Exception as e:
-        raise CheckpointError(f"{mngr.directory}/{step}: cannot read its config ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{mngr.directory}/{step}: cannot read its config"
+                              f" ({type(e).__name__}: {e})") from None
 
 
 def config_differences(a: Config, b: Config) -> list[str]:
@@ -258,7 +267,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, config: Config, placement=No
     """The train state (laid out by `placement`, a minigpt_jax.placement.Placement) and progress
     saved at `step`; total_steps: the run's length, for a training state under a cosine schedule."""
     if placement is not None:  # built where it will live: nothing lands on an unlisted device
-        with jax.default_device(placement.devices[0] if jax.process_count() == 1 else jax.local_devices()[0]):
+        with jax.default_device(placement.devices[0] if jax.process_count() == 1
+                                else jax.local_devices()[0]):
             fresh = placement.put(_structure(config, total_steps))
     else:
         fresh = _structure(config, total_steps)
@@ -285,23 +295,30 @@ def verify(mngr: ocp.CheckpointManager, step: int, config: Config) -> dict:
     where = f"{mngr.directory}/{step}"
     try:
         got = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                    progress=ocp.args.JsonRestore()),
         )
         state, progress = got["state"], got["progress"]
-        saved = [np.shape(x) for x in jax.tree_util.tree_leaves(state)]  # a fresh state's step is an int
+        # a fresh state's step is an int
+        saved = [np.shape(x) for x in jax.tree_util.tree_leaves(state)]
         saved_step = int(state["step"])
     except Exception as e:
         _drop_late_read_callbacks()
         raise CheckpointError(f"{where}: damaged, cannot be read ({brief(e)})") from None
-    expected = [x.shape for x in jax.tree_util.tree_leaves(jax.eval_shape(lambda: state_tree(_structure(config, None))))]
+    expected = [x.shape for x in jax.tree_util.tree_leaves(
+        jax.eval_shape(lambda: state_tree(_structure(config, None))))]
     if saved != expected:
-        i = next((i for i, (a, b) in enumerate(zip(saved, expected)) if a != b), min(len(saved), len(expected)))
-        got, want = (saved[i] if i < len(saved) else "none"), (expected[i] if i < len(expected) else "none")
-        raise CheckpointError(f"{where}: its state does not match its config (array {i} of {len(saved)}"
-                              f" is {got}; expected {want})")
+        i = next((i for i, (a, b) in enumerate(zip(saved, expected)) if a != b),
+                 min(len(saved), len(expected)))
+        got, want = ((saved[i] if i < len(saved) else "none"),
+                     (expected[i] if i < len(expected) else "none"))
+        raise CheckpointError(f"{where}: its state does not match its config (array {i} of"
+                              f" {len(saved)} is {got}; expected {want})")
     if not isinstance(progress, dict) or not set(PROGRESS_KEYS) <= set(progress) \
             or progress["step"] != saved_step or saved_step != step:
-        raise CheckpointError(f"{where}: its progress item does not match its state at step {saved_step}")
+        raise CheckpointError(f"{where}: its progress item does not match its state at step"
+                              f" {saved_step}")
     return progress
 
 
@@ -312,10 +329,12 @@ def locate(path: pathlib.Path) -> tuple[pathlib.Path, int]:
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if path.name.isdigit() and (path / "state").is_dir():
         return path.parent, int(path.name)
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    steps = sorted(int(p.name) for p in path.iterdir()
+                   if p.name.isdigit() and (p / "state").is_dir())
     if not steps:
         raise CheckpointError(
-            f"{path}: no checkpoint found; expected outcome/checkpoints/<name> or one of its step folders"
+            f"{path}: no checkpoint found; expected outcome/checkpoints/<name> or one of its step"
+            " folders"
         )
     return path, steps[-1]
 
@@ -370,7 +389,8 @@ def check_resumable(out_dir: pathlib.Path, configs: dict[str, Config], data: str
         if not path.exists():
             continue
         if not path.is_dir():
-            raise CheckpointError(f"{path} is not a folder; expected the Orbax checkpoints of {name}")
+            raise CheckpointError(f"{path} is not a folder; expected the Orbax checkpoints of"
+                                  f" {name}")
         mngr = manager(path)
         steps = mngr.all_steps()
         if not steps:

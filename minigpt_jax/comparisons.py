@@ -181,7 +181,8 @@ def section(out_dir: pathlib.Path, results: Sequence, reference: str | None = No
         figs = [f for f in figs if (pathlib.Path(out_dir) / f).is_file()]
         if figs:
             out += [("Each experiment over its seeds (line: mean; band: min to max over seeds;"
-                     " each seed's own curves are loss_curve_<run>.png where written):"), "", *[f"![{f[:-4]}]({urllib.parse.quote(f)})" for f in figs], ""]
+                     " each seed's own curves are loss_curve_<run>.png where written):"), "",
+                    *[f"![{f[:-4]}]({urllib.parse.quote(f)})" for f in figs], ""]
     sweeps = seeds.lr_sweeps(results)
     if sweeps:
         rows = [[", ".join(f"`{n}`" for n in s.experiments), " ".join(f"{lr:g}" for lr in s.lrs),

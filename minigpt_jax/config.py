@@ -1,4 +1,5 @@
-"""Configuration: the contract's constants (docs/spec.md, Constants), one frozen Config, the five experiments.
+"""Configuration: the contract's constants (docs/spec.md, Constants), one frozen Config,
+the five experiments.
 
 - Field names are the PyTorch project's, so a user's `--set embed_dim=64` means
   what it meant there.
@@ -22,7 +23,8 @@ SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (docs/spec.md)
 SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
 SEGMENTATIONS = ("pytorch", "chunks")  # docs/spec.md's rule, or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the PyTorch project's); tanh GELU (GPT-2's own)
+# exact erf GELU (the PyTorch project's); tanh GELU (GPT-2's own)
+ACTIVATIONS = ("gelu", "gelu_tanh")
 MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")  # jax.default_matmul_precision's names
 
 
@@ -42,9 +44,11 @@ class Config:
     n_layers: int = 2  # transformer blocks
     ffn_mult: int = 4  # FFN hidden width = embed_dim * ffn_mult
     dropout: float = 0.1  # attention-probability dropout, training only
-    activation: str = "gelu"  # FFN: "gelu" exact erf (their model.py), "gelu_tanh" (GPT-2's checkpoints)
+    # FFN: "gelu" exact erf (their model.py), "gelu_tanh" (GPT-2's checkpoints)
+    activation: str = "gelu"
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
-    matmul_precision: str = "default"  # float32 matmuls: "default" is JAX's (TF32 on NVIDIA GPUs), or "float32"
+    # float32 matmuls: "default" is JAX's (TF32 on NVIDIA GPUs), or "float32"
+    matmul_precision: str = "default"
     # training
     lr: float = 5e-4  # constant AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay (PyTorch's default)
@@ -54,9 +58,12 @@ class Config:
     data_seed: int = 42  # the held-out split and the evaluation samples: equal across seeds
     val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
     eval_every: int = 200  # steps between evaluations of the eval_batches sample
-    eval_batches: int = 20  # held-out batches in the fixed, seeded sample evaluated every eval_every steps
-    eval_final_batches: int = 200  # held-out batches in the final evaluation's seeded sample; 0 = all
-    ckpt_minutes: float = 10.0  # wall-clock minutes between checkpoints (always one at the end and on a stop)
+    # held-out batches in the fixed, seeded sample evaluated every eval_every steps
+    eval_batches: int = 20
+    # held-out batches in the final evaluation's seeded sample; 0 = all
+    eval_final_batches: int = 200
+    # wall-clock minutes between checkpoints (always one at the end and on a stop)
+    ckpt_minutes: float = 10.0
     ckpt_every: int = 0  # also a checkpoint every this many steps; 0 = by the clock only
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
     segmentation: str = "pytorch"  # "pytorch": docs/spec.md's rule; "chunks": every token
@@ -79,18 +86,22 @@ class Config:
                     "batch_size", "max_epochs", "eval_every", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer (>= 1)")
+                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer"
+                                  " (>= 1)")
         if self.vocab_size <= PAD_TOKEN_ID:
             raise ConfigError(
-                f"vocab_size={self.vocab_size}: must be > {PAD_TOKEN_ID} so that PAD ({PAD_TOKEN_ID}) is a valid id"
+                f"vocab_size={self.vocab_size}: must be > {PAD_TOKEN_ID} so that PAD"
+                f" ({PAD_TOKEN_ID}) is a valid id"
             )
         if self.segmentation not in SEGMENTATIONS:
             raise ConfigError(
                 f"segmentation={self.segmentation!r}: must be one of {', '.join(SEGMENTATIONS)}")
-        # the segmentation rule (docs/spec.md) keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
+        # the segmentation rule (docs/spec.md) keeps only segments of >= SEQ_MIN tokens, and a
+        # segment has at most seq_len
         low = SEQ_MIN if self.segmentation == "pytorch" else 2
         if not low <= self.seq_len <= SEQ_LEN_MAX:
-            why = " (segmentation=pytorch keeps segments of at least 32 tokens)" if low == SEQ_MIN else ""
+            why = (" (segmentation=pytorch keeps segments of at least 32 tokens)"
+                   if low == SEQ_MIN else "")
             raise ConfigError(f"seq_len={self.seq_len}: must be in [{low}, {SEQ_LEN_MAX}]{why}")
         if self.embed_dim % self.n_heads:
             raise ConfigError(
@@ -112,11 +123,13 @@ class Config:
         if not self.ckpt_minutes > 0:  # also refuses NaN
             raise ConfigError(f"ckpt_minutes={self.ckpt_minutes}: must be > 0")
         if self.eval_final_batches < 0:
-            raise ConfigError(f"eval_final_batches={self.eval_final_batches}: must be >= 0 (0 = every held-out batch)")
+            raise ConfigError(f"eval_final_batches={self.eval_final_batches}: must be >= 0"
+                              " (0 = every held-out batch)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"activation={self.activation!r}: must be one of"
+                              f" {', '.join(ACTIVATIONS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
@@ -238,7 +251,8 @@ def parse_sweeps(items: list[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
         key = key.strip()
         texts = [t.strip() for t in text.split(",")]
         if not sep or not key or not all(texts):
-            raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,..., e.g. --sweep lr=1e-3,3e-4")
+            raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,...,"
+                              " e.g. --sweep lr=1e-3,3e-4")
         if key in seen:
             raise ConfigError(f"--sweep {key} given twice; expected each key once")
         seen.add(key)
@@ -246,7 +260,8 @@ def parse_sweeps(items: list[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
         parsed = [v for _, v in values]
         dupes = [t for t, v in values if parsed.count(v) > 1]
         if dupes:
-            raise ConfigError(f"--sweep {key}: {', '.join(dupes)} are the same value; expected distinct values")
+            raise ConfigError(f"--sweep {key}: {', '.join(dupes)} are the same value;"
+                              " expected distinct values")
         bad = [t for t in texts if not re.fullmatch(r"[A-Za-z0-9.+_-]+", t)]
         if bad:
             raise ConfigError(f"--sweep {key}={bad[0]!r}: expected letters, digits and . + - _ only"

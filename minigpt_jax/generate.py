@@ -1,10 +1,10 @@
 """Text generation from trained parameters: one jitted sampling loop.
 
-- The context lives in a fixed (1, W) token buffer, W = config.seq_len (the positional rows, 64 at baseline),
-  right-padded with PAD until it is full. Because attention is causal and
-  positions are absolute (0..L-1), the logits read at the last real position
-  are exactly the model's logits on the unpadded context: the PAD positions
-  lie in its future and are never seen.
+- The context lives in a fixed (1, W) token buffer, W = config.seq_len (the
+  positional rows, 64 at baseline), right-padded with PAD until it is full.
+  Because attention is causal and positions are absolute (0..L-1), the logits
+  read at the last real position are exactly the model's logits on the
+  unpadded context: the PAD positions lie in its future and are never seen.
 - Contexts longer than W slide: the window keeps the last W tokens, which then
   sit at positions 0..W-1 (what the PyTorch original did with `idx[:, -seq_len:]`).
 - No KV cache: every step runs the model over the whole window. The LM head is
@@ -61,8 +61,10 @@ def window_logits(params, config: Config, window_1W: jax.Array, n: jax.Array) ->
     return logits_V.astype(jnp.float32)
 
 
-def next_token(logits_V: jax.Array, temperature: jax.Array, top_k: jax.Array, key: jax.Array) -> jax.Array:
-    """Greedy when temperature == 0, else a top-k (0: off) sample at that temperature. PAD excluded."""
+def next_token(logits_V: jax.Array, temperature: jax.Array, top_k: jax.Array,
+               key: jax.Array) -> jax.Array:
+    """Greedy when temperature == 0, else a top-k (0: off) sample at that temperature. PAD
+    excluded."""
     logits_V = logits_V.at[PAD_TOKEN_ID].set(-jnp.inf)
 
     def sample(logits_V):
@@ -79,8 +81,10 @@ def next_token(logits_V: jax.Array, temperature: jax.Array, top_k: jax.Array, ke
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def sample_loop(params, window_1W, n, temperature, top_k, key, *, config: Config, max_new_tokens: int):
-    """max_new_tokens steps over a (1, W) window holding n real tokens -> new ids (max_new_tokens,)."""
+def sample_loop(params, window_1W, n, temperature, top_k, key, *, config: Config,
+                max_new_tokens: int):
+    """max_new_tokens steps over a (1, W) window holding n real tokens -> new ids
+    (max_new_tokens,)."""
     TRACES["sample_loop"] += 1
     W = window_1W.shape[1]
 
@@ -104,7 +108,8 @@ def check_arguments(config: Config, max_new_tokens: int, temperature: float, top
     if not temperature >= 0:  # also rejects NaN
         raise GenerationError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
     if not 0 <= top_k <= config.vocab_size:
-        raise GenerationError(f"top_k={top_k}: must be in [0, {config.vocab_size}] (0 is no filter)")
+        raise GenerationError(f"top_k={top_k}: must be in [0, {config.vocab_size}]"
+                              " (0 is no filter)")
 
 
 def generate(

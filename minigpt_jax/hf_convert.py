@@ -1,4 +1,5 @@
-"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (docs/spec.md, Hugging Face form).
+"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (docs/spec.md, Hugging Face
+form).
 
 - MiniGPT is `transformers.GPT2LMHeadModel`; one table maps each GPT-2 key to
   its Flax path. GPT-2's Conv1D weights are (in, out), a Flax kernel as it is;

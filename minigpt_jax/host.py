@@ -137,7 +137,8 @@ def init_distributed(coordinator: str | None, num_processes, process_id) -> None
     if all(v is None for v in given):
         return
     if any(v is None for v in given):
-        raise ValueError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+        raise ValueError("a multi-process run needs all of --coordinator, --num-processes and"
+                         " --process-id")
     try:
         n = int(num_processes)
     except ValueError:
@@ -147,7 +148,8 @@ def init_distributed(coordinator: str | None, num_processes, process_id) -> None
     try:
         pid = int(process_id)
     except ValueError:
-        raise ValueError(f"--process-id {process_id!r}: expected an integer in 0..{n - 1}") from None
+        raise ValueError(f"--process-id {process_id!r}: expected an integer in"
+                         f" 0..{n - 1}") from None
     if not 0 <= pid < n:
         raise ValueError(f"--process-id {pid}: expected an integer in 0..{n - 1}")
     # CPU devices need gloo for collectives across processes; accelerators ignore this.

@@ -4,7 +4,8 @@ around the step grows with the run.
 - The driver (`drive`) trains V lanes, one experiment each, through a program
   (program.py declares what one does): `program.Plain` for a single experiment, the
   un-vmapped step, so its numbers and the PyTorch parity are the step's own;
-  `stack.Stacked` for V variants of one shape in one vmapped program. Everything else (data, blocks, metrics, evaluation, checkpoints, stop, failures,
+  `stack.Stacked` for V variants of one shape in one vmapped program. Everything
+  else (data, blocks, metrics, evaluation, checkpoints, stop, failures,
   progress) is this one code path for both.
 - Steps go in blocks. A block ends at the next multiple of BLOCK steps, of
   eval_every, of ckpt_every (when set), at a lane's last step, or at the end:
@@ -208,8 +209,8 @@ def common_step(names: Sequence[str], steps: Sequence[int], totals: Sequence[int
     behind = {n: s for n, s, t in zip(names, steps, totals) if s < t}
     if len(set(behind.values())) > 1:
         at = ", ".join(f"{n} at step {s}" for n, s in behind.items())
-        raise ValueError(f"stacked resume needs the unfinished variants' checkpoints at one step ({at});"
-                         " resume them without --stack, or start afresh")
+        raise ValueError("stacked resume needs the unfinished variants' checkpoints at one step"
+                         f" ({at}); resume them without --stack, or start afresh")
     return next(iter(behind.values()), max(steps))
 
 
@@ -221,8 +222,9 @@ class _Run:
         self.V = len(lanes)
         c = lanes[0].exp.config
         self.pad_BL = np.full((c.batch_size, c.seq_len), PAD_TOKEN_ID, np.int32)
-        self.bar = tqdm(total=max(ln.total for ln in lanes), initial=step, desc=label, disable=not lead,
-                        position=position, unit="step", dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=max(ln.total for ln in lanes), initial=step, desc=label,
+                        disable=not lead, position=position, unit="step", dynamic_ncols=True,
+                        leave=True)
         self.t0 = time.perf_counter() - prior  # training time continues across resumes
         self.last_read = time.perf_counter()
         self.last_ckpt = time.monotonic()
@@ -266,7 +268,8 @@ class _Run:
             for i in (i for i in range(n) if active[i, v] and lane.live):
                 loss = float(got["loss"][i, v])
                 if not math.isfinite(loss):
-                    lane.fail(f"{lane.name}: non-finite loss at step {first + i + 1}", exported=False)
+                    lane.fail(f"{lane.name}: non-finite loss at step {first + i + 1}",
+                              exported=False)
                     break
                 lane.tokens += int(got["tokens"][i, v])
                 lane.writer.write_scalars(first + i + 1, {
@@ -284,7 +287,8 @@ class _Run:
                                  tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         self.bar.update(first + n - self.bar.n)
 
-    def boundary(self, state, step: int, ending: list[bool], ckpt_due: bool, stopping: bool) -> None:
+    def boundary(self, state, step: int, ending: list[bool], ckpt_due: bool,
+                 stopping: bool) -> None:
         """At a block boundary whose metrics were read: evaluations, checkpoints, the end of
         lanes, a stop."""
         saving = None  # the lanes' states for saving, made once for all
@@ -342,8 +346,10 @@ class _Run:
         """Wait for the last saves and close the writers; their failures fail their lane."""
         self.bar.close()
         for lane in self.lanes:
-            # training time: the run's, less its compilation (already out of t0) and final evaluation
-            lane.phases["train"] = time.perf_counter() - self.t0 - lane.phases.get("final_eval", 0.0)
+            # training time: the run's, less its compilation (already out of t0) and final
+            # evaluation
+            lane.phases["train"] = (time.perf_counter() - self.t0
+                                    - lane.phases.get("final_eval", 0.0))
             try:
                 lane.ckpt.close()
             except checkpoint.SaveError as e:
@@ -352,7 +358,8 @@ class _Run:
             try:
                 lane.writer.close()
             except OSError as e:  # the metrics' own disk may be the one that is full
-                lane.status = lane.status if lane.status != "ok" else f"failed: writing metrics: {e}"
+                lane.status = (lane.status if lane.status != "ok"
+                               else f"failed: writing metrics: {e}")
 
 
 def _loop(run: _Run, state, rng, step: int, stop: threading.Event | None):

@@ -93,7 +93,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """Linear -> GELU (exact erf, or GPT-2's tanh form for activation="gelu_tanh") -> Linear; no dropout."""
+    """Linear -> GELU (exact erf, or GPT-2's tanh form for activation="gelu_tanh") -> Linear;
+    no dropout."""
 
     config: Config
 
@@ -114,7 +115,8 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, h_BLD, train: bool) -> jax.Array:
         dtype = jnp.dtype(self.config.dtype)
-        h_BLD = h_BLD + MultiHeadAttention(self.config, name="attn")(LayerNorm("ln1")(h_BLD).astype(dtype), train)
+        h_BLD = h_BLD + MultiHeadAttention(self.config, name="attn")(
+            LayerNorm("ln1")(h_BLD).astype(dtype), train)
         f = FFN(self.config, name="ffn")(LayerNorm("ln2")(h_BLD).astype(dtype))
         return h_BLD + f
 
@@ -125,13 +127,15 @@ class MiniGPT(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BL: jax.Array, train: bool = False, hidden: bool = False) -> jax.Array:
+    def __call__(self, tokens_BL: jax.Array, train: bool = False,
+                 hidden: bool = False) -> jax.Array:
         """Logits (B, L, V); with hidden=True, the final-LayerNorm output (B, L, D)
         instead, for a caller that applies `head` itself (train.py's fused head)."""
         c = self.config
         L = tokens_BL.shape[1]
         if L > c.seq_len:
-            raise ValueError(f"sequence length {L} exceeds seq_len={c.seq_len} (the positional table's rows)")
+            raise ValueError(f"sequence length {L} exceeds seq_len={c.seq_len}"
+                             " (the positional table's rows)")
         h_BLD = Embedding(c.vocab_size, c.embed_dim, "embed")(tokens_BL)
         h_BLD = h_BLD + PositionalEmbedding(c, name="pos")(L)
         # A no-op unless a 'perturbations' collection is passed: lets tests take
@@ -142,7 +146,8 @@ class MiniGPT(nn.Module):
         h_BLD = LayerNorm("ln_f")(h_BLD).astype(jnp.dtype(c.dtype))
         if hidden:
             return h_BLD
-        logits = Linear(c.vocab_size, c.embed_dim, "head", jnp.dtype(c.dtype), use_bias=False)(h_BLD)
+        logits = Linear(c.vocab_size, c.embed_dim, "head", jnp.dtype(c.dtype),
+                        use_bias=False)(h_BLD)
         return logits.astype(jnp.float32)
 
 

@@ -24,7 +24,7 @@ class RunOptions:
     out: pathlib.Path  # the output folder: metrics, plots, tables, checkpoints
     max_steps: int | None = None  # stop each experiment after this many steps (None: its epochs)
     resume: bool = False  # continue each experiment from its latest checkpoint under `out`
-    stop: threading.Event | None = None  # set it: every experiment saves and stops at its next block
+    stop: threading.Event | None = None  # set: every experiment saves and stops at its next block
     fuse: bool | None = None  # a block as one fused dispatch (None: on accelerators, not the CPU)
     stack: bool = False  # experiments of one shape on one device train as one vmapped program
     seeds_apart: bool = False  # an experiment's seeds one after another, not as one stack

@@ -51,7 +51,8 @@ def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) 
     by_device: dict[tuple, list[list[int]]] = {}
     for g in groups:
         by_device.setdefault(experiments[g[0]].devices, []).append(g)
-    queues = [gs[k::concurrent] for gs in by_device.values() for k in range(min(concurrent, len(gs)))]
+    queues = [gs[k::concurrent] for gs in by_device.values()
+              for k in range(min(concurrent, len(gs)))]
 
     def failed(i: int, status: str) -> Result:
         e = experiments[i]
@@ -70,7 +71,8 @@ def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) 
                 preps = [prepare(e.config) for e in exps]
                 segment = time.perf_counter() - t
                 if segment >= 0.5:  # a shared setting's second call is memoised: no line
-                    tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s", file=sys.stderr)
+                    tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s",
+                               file=sys.stderr)
                 mine = opts.replace(position=opts.position + g[0])
                 if len(g) > 1:
                     got = stacking.run_stacked(exps, preps, mine)
@@ -85,7 +87,8 @@ def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) 
                     try:
                         on_result(r)
                     except Exception as ex:
-                        r.status = f"failed: writing outputs: {str(ex).splitlines()[0] if str(ex) else ex!r}"
+                        r.status = ("failed: writing outputs:"
+                                    f" {str(ex).splitlines()[0] if str(ex) else ex!r}")
                 results[i] = r
 
     threads = [threading.Thread(target=worker, args=(gs,), name=f"minigpt-{n}", daemon=True)

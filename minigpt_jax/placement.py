@@ -97,12 +97,13 @@ def parse_devices(text: str | None, n_experiments: int, data_parallel: bool = Fa
         missing = [i for i in indices if i not in kept]
         if not kept:
             kept, jax_index = list(range(len(devices))), (lambda i: i)
-        notice = (f"--devices {text}: {len(devices)} {devices[0].platform} device(s) found, no index"
-                  f" {','.join(map(str, missing))}; using {','.join(map(str, kept))}")
+        notice = (f"--devices {text}: {len(devices)} {devices[0].platform} device(s) found,"
+                  f" no index {','.join(map(str, missing))}; using {','.join(map(str, kept))}")
     devices = {i: devices[jax_index(i)] for i in kept}
     indices = kept
     if data_parallel:
         if len(set(indices)) != len(indices):
-            raise ValueError(f"--devices {text}: a device is listed twice; data parallelism needs distinct devices")
+            raise ValueError(f"--devices {text}: a device is listed twice; data parallelism needs"
+                             " distinct devices")
         return [tuple(devices[i] for i in indices)] * n_experiments, notice
     return [(devices[indices[i % len(indices)]],) for i in range(n_experiments)], notice

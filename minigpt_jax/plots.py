@@ -108,7 +108,8 @@ def _series(rows, val_rows, key: str, vkey: str, log: bool, x_key: str, window=N
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(v) if as_y and log else v
     y = column(rows, key, True)
-    return column(rows, x_key), y, smooth(y, window), column(val_rows, x_key), column(val_rows, vkey, True)
+    return (column(rows, x_key), y, smooth(y, window), column(val_rows, x_key),
+            column(val_rows, vkey, True))
 
 
 def _over_seeds(runs, key: str, vkey: str, log: bool, x_key: str, window=None) -> dict:

@@ -158,7 +158,8 @@ def data_section(results, prepared: Mapping[str, data.Prepared], source: str) ->
         p, c = prepared[rs[0].name], rs[0].config
         if len(groups) > 1:
             out += [(f"### {_names([r.name for r in rs])} (seq_len {c.seq_len}, segmentation"
-                     f" {c.segmentation}, val_fraction {c.val_fraction}, data_seed {c.data_seed})"), ""]
+                     f" {c.segmentation}, val_fraction {c.val_fraction},"
+                     f" data_seed {c.data_seed})"), ""]
         rule = ("sequences of 32..128 tokens kept whole, longer ones cut into seq_len segments,"
                 " shorter ones dropped" if c.segmentation == "pytorch"
                 else "every token, in consecutive seq_len chunks")

@@ -63,14 +63,16 @@ def plan(experiments: Sequence[str] | None = None, overrides: Mapping[str, Any] 
     sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...]). seeds: each
     experiment trained with seeds seed .. seed+seeds-1, as runs named <experiment>_seed<s>
     (one seed: the experiment's own name, today's run)."""
-    names = list(experiments) if experiments is not None else (["baseline"] if sweeps else list(cfg.EXPERIMENTS))
+    names = (list(experiments) if experiments is not None
+             else (["baseline"] if sweeps else list(cfg.EXPERIMENTS)))
     if not names:
         raise RunError("no experiment given; valid: " + ", ".join(cfg.EXPERIMENTS))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RunError(f"experiments {', '.join(dupes)} given twice")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise RunError(f"--seeds {seeds!r}: expected a positive integer (1: one run per experiment)")
+        raise RunError(f"--seeds {seeds!r}: expected a positive integer"
+                       " (1: one run per experiment)")
     experiments = cfg.plan(names, dict(overrides or {}), override_text, list(sweeps))
     if seeds == 1:
         return Plan(experiments)
@@ -80,7 +82,8 @@ def plan(experiments: Sequence[str] | None = None, overrides: Mapping[str, Any] 
             raise RunError(f"--seeds {seeds}: {name}'s seeds {c.seed}..{c.seed + seeds - 1} leave"
                            " [0, 2**32); expected a smaller seed or count")
         for s in range(c.seed, c.seed + seeds):
-            runs[f"{name}_seed{s}"] = (c.replace(seed=s), ", ".join(filter(None, [text, f"seed={s}"])))
+            runs[f"{name}_seed{s}"] = (c.replace(seed=s),
+                                       ", ".join(filter(None, [text, f"seed={s}"])))
             groups[f"{name}_seed{s}"] = name
     return Plan(runs, groups)
 
@@ -321,8 +324,10 @@ def _train(exps, seqs, opts: RunOptions, phases: dict, lead: bool) -> list:
         r.phases["outputs"] = time.perf_counter() - t
 
     if lead:
-        tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}", file=sys.stderr)
-    results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), opts.replace(on_result=finished))
+        tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}",
+                   file=sys.stderr)
+    results = parallel.run_all(exps, lambda c: data.prepare(seqs, c),
+                               opts.replace(on_result=finished))
     if lead:
         t = time.perf_counter()
         curves = seeds.curves(results)  # experiment -> [(rows, val_rows) of each seed]
@@ -339,5 +344,6 @@ def _train(exps, seqs, opts: RunOptions, phases: dict, lead: bool) -> list:
         for r in results:
             r.phases["outputs"] = r.phases.get("outputs", 0.0) + time.perf_counter() - t
             tqdm.write(f"  {r.name:<14} {r.status}; " + ", ".join(
-                f"{k} {r.phases[k]:.1f} s" for k in report.PHASES if k in r.phases), file=sys.stderr)
+                f"{k} {r.phases[k]:.1f} s" for k in report.PHASES if k in r.phases),
+                file=sys.stderr)
     return results

@@ -41,17 +41,21 @@ from minigpt_jax.config import Config, field_names
 from minigpt_jax.options import RunOptions
 from minigpt_jax.program import Program
 
-VALUE_FIELDS = ("lr", "weight_decay", "seed", "data_seed", "max_epochs", "val_fraction")  # may differ
+# may differ
+VALUE_FIELDS = ("lr", "weight_decay", "seed", "data_seed", "max_epochs", "val_fraction")
 _WHY = {  # field group -> why it must be equal
     ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "batch_size"):
         "different shapes (params, optimizer state and batches are stacked along one axis)",
     ("dtype", "matmul_precision", "activation"):
         "a different compiled program (the compute dtype, matmul precision or FFN activation)",
-    ("dropout",): "the attention dropout rate is a constant of the model's program (model.py), not a value",
+    ("dropout",):
+        "the attention dropout rate is a constant of the model's program (model.py), not a value",
     ("lr_schedule", "warmup_steps", "min_lr_ratio", "grad_clip", "decay_params"):
         "the schedule's shape, clipping and the decay mask are static in the optimizer (optim.py)",
-    ("eval_every", "eval_batches", "eval_final_batches", "ckpt_every", "ckpt_minutes", "num_workers", "segmentation"):
-        "run settings the stack shares (one block, evaluation and checkpoint schedule, one data layout)",
+    ("eval_every", "eval_batches", "eval_final_batches", "ckpt_every", "ckpt_minutes",
+     "num_workers", "segmentation"):
+        ("run settings the stack shares (one block, evaluation and checkpoint schedule,"
+         " one data layout)"),
 }
 
 
@@ -111,7 +115,8 @@ def stacked_step(state, batches_VBL, rngs_V, active_V):
 def stacked_steps(state, batches_KVBL, rngs_V, active_KV):
     """K stacked steps in one dispatch (lax.scan) -> metrics of shape (K, V); a step where a
     variant is inactive (a short block's tail, a finished or failed variant) changes nothing."""
-    return lax.scan(lambda s, xs: _stacked(s, xs[0], rngs_V, xs[1]), state, (batches_KVBL, active_KV))
+    return lax.scan(lambda s, xs: _stacked(s, xs[0], rngs_V, xs[1]), state,
+                    (batches_KVBL, active_KV))
 
 
 # --- the program the driver runs, and the checks before it -----------------------------
@@ -168,13 +173,15 @@ def check(experiments: Sequence[loop.Experiment], preps: Sequence[data.Prepared]
                          + ", ".join(f"{e.name} on {e.label}" for e in experiments))
     if jax.process_count() > 1:
         raise ValueError("cannot stack: stacked variants run in one process")
-    totals = [data.steps_per_epoch(len(p.train), c.batch_size) * c.max_epochs for p, c in zip(preps, configs)]
+    totals = [data.steps_per_epoch(len(p.train), c.batch_size) * c.max_epochs
+              for p, c in zip(preps, configs)]
     totals = [t if max_steps is None else min(max_steps, t) for t in totals]
     first = optim.make_optimizer(configs[0], totals[0])
     if any(optim.make_optimizer(c, t) != first for c, t in zip(configs, totals)):
         # cosine schedules of different lengths (variants whose data differ in size)
-        raise ValueError("cannot stack: the variants' optimizer programs differ (a cosine schedule's"
-                         f" length is static; steps: {', '.join(map(str, totals))})")
+        raise ValueError("cannot stack: the variants' optimizer programs differ (a cosine"
+                         " schedule's length is static; steps:"
+                         f" {', '.join(map(str, totals))})")
 
 
 def run_stacked(experiments: list[loop.Experiment],

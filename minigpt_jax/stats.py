@@ -146,7 +146,8 @@ def unpaired(a: float, a_stderr: float, b: float, b_stderr: float) -> Paired:
     held-out segments): normal interval and two-sided p-value."""
     se = math.hypot(a_stderr, b_stderr)
     if not (math.isfinite(se) and math.isfinite(a) and math.isfinite(b)) or se == 0.0:
-        return Paired(0, a - b, math.nan, math.nan, math.nan, "no standard error to test it against")
+        return Paired(0, a - b, math.nan, math.nan, math.nan,
+                      "no standard error to test it against")
     z = sps.norm.ppf(0.5 + LEVEL / 2)
     return Paired(0, a - b, float(z * se), float(2 * sps.norm.sf(abs(a - b) / se)), math.nan)
 

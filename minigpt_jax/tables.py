@@ -289,7 +289,8 @@ def row(result) -> dict:
         "val_stderr": final.stderr if final is not None else None,
         "val_tokens": final.tokens if final is not None else None,
         "wall_seconds": round(result.seconds, 2),
-        "compile_seconds": round(result.phases["compile"], 2) if "compile" in result.phases else None,
+        "compile_seconds": (round(result.phases["compile"], 2) if "compile" in result.phases
+                            else None),
         "tokens_per_second": round(result.tokens / elapsed, 1) if elapsed else None,
         "status": result.status,
     }

@@ -50,7 +50,8 @@ class TrainState(train_state.TrainState):
 
 @functools.cache
 def _model(model_cfg: Config) -> MiniGPT:
-    # one instance per shape: jit compares the static apply_fn, a bound method, by its module's identity
+    # one instance per shape: jit compares the static apply_fn, a bound method, by its module's
+    # identity
     return MiniGPT(model_cfg)
 
 
@@ -78,7 +79,8 @@ def matmul_precision(state: TrainState):
     """The config's float32 matmul precision, applied while the step is traced (the static
     apply_fn carries it, so another precision is another compiled program)."""
     precision = state.apply_fn.__self__.config.matmul_precision
-    return contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision)
+    return (contextlib.nullcontext() if precision == "default"
+            else jax.default_matmul_precision(precision))
 
 
 def _step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:

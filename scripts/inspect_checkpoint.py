@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         total += x.size
         print(f"{name:<{width}}  {str(tuple(x.shape)):<16} {str(x.dtype):<8} {x.size:>12,}")
     nbytes = sum(np.asarray(x).nbytes for _, x in params)
-    print(f"{'total':<{width}}  {len(params)} tensors{'':<7} {'':<8} {total:>12,}  ({human(nbytes)})")
+    print(f"{'total':<{width}}  {len(params)} tensors{'':<7} {'':<8} {total:>12,}"
+          f"  ({human(nbytes)})")
     print()
     # optax's state holds tuples (saved as lists), which flatten_dict does not enter: jax's paths
     opt = [(jax.tree_util.keystr(k, simple=True, separator="."), np.asarray(x))
