@@ -113,7 +113,8 @@ def harness_seconds(c, prepared, steps: int, out: pathlib.Path) -> dict:
     evaluation.evaluate = timed
     try:
         exp = loop.Experiment("bench", c, jax.devices()[0])
-        loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=2))  # compile everything first
+        # compile everything first
+        loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=2))
         timings.update(eval=0.0, evals=0)
         t = time.perf_counter()
         r = loop.run_experiment(exp, prepared, RunOptions(out=out, max_steps=steps))

@@ -27,7 +27,8 @@ PROG = "benchmarks.bench_seeds"
 def parse_args(argv=None):
     p = benchlib.parser(PROG, __doc__)
     p.add_argument("--seeds", type=int, default=3, help="seeds (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=30, help="steps per seed (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=30,
+                   help="steps per seed (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of both modes, in turn; the"
                    " fastest of each is kept (default: %(default)s)")
     benchlib.add_common(p)

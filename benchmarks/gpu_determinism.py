@@ -42,9 +42,11 @@ def determinism_worker(out: pathlib.Path, steps: int, smoke: bool) -> int:
     c = c.replace(max_epochs=math.ceil(steps / data.steps_per_epoch(len(prepared.train),
                                                                       c.batch_size)))
     exp = loop.Experiment("baseline", c, jax.devices()[0])
-    got = {k: loop.run_experiment(exp, prepared, RunOptions(out=out / k, max_steps=steps)) for k in "ab"}
+    got = {k: loop.run_experiment(exp, prepared, RunOptions(out=out / k, max_steps=steps))
+           for k in "ab"}
     loop.run_experiment(exp, prepared, RunOptions(out=out / "r", max_steps=steps // 2))
-    got["r"] = loop.run_experiment(exp, prepared, RunOptions(out=out / "r", max_steps=steps, resume=True))
+    got["r"] = loop.run_experiment(exp, prepared,
+                                   RunOptions(out=out / "r", max_steps=steps, resume=True))
     per_step = bh.steady_seconds(got["b"].rows) / (len(got["b"].rows) - bh.SKIP)
     (out / "worker.json").write_text(json.dumps({
         "per_step_s": per_step, "status": {k: r.status for k, r in got.items()},

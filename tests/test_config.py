@@ -6,12 +6,15 @@ from minigpt_jax.config import Config, ConfigError
 
 def test_baseline_matches_spec():
     c = cfg.experiment_config("baseline")
-    assert (c.vocab_size, c.seq_len, c.embed_dim, c.n_heads, c.n_layers, c.ffn_mult) == (50257, 64, 128, 4, 2, 4)
-    assert (c.lr, c.batch_size, c.max_epochs, c.dropout, c.segmentation) == (5e-4, 32, 1, 0.1, "pytorch")
+    assert ((c.vocab_size, c.seq_len, c.embed_dim, c.n_heads, c.n_layers, c.ffn_mult)
+            == (50257, 64, 128, 4, 2, 4))
+    assert ((c.lr, c.batch_size, c.max_epochs, c.dropout, c.segmentation)
+            == (5e-4, 32, 1, 0.1, "pytorch"))
 
 
 def test_experiments_are_overrides_of_baseline():
-    assert list(cfg.EXPERIMENTS) == ["baseline", "lr_1e-3", "batch_size_16", "n_layers_1", "embed_dim_64"]
+    assert list(cfg.EXPERIMENTS) == ["baseline", "lr_1e-3", "batch_size_16", "n_layers_1",
+                                     "embed_dim_64"]
     assert cfg.experiment_config("lr_1e-3").lr == 1e-3
     assert cfg.experiment_config("batch_size_16").batch_size == 16
     assert cfg.experiment_config("n_layers_1").n_layers == 1
@@ -23,7 +26,8 @@ def test_experiments_are_overrides_of_baseline():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"seq_len": 31}, "seq_len=31: must be in [32, 4096] (segmentation=pytorch keeps segments of at least 32"),
+    ({"seq_len": 31}, "seq_len=31: must be in [32, 4096]"
+                      " (segmentation=pytorch keeps segments of at least 32"),
     ({"seq_len": 1, "segmentation": "chunks"}, "seq_len=1: must be in [2, 4096]"),
     ({"seq_len": 4097}, "seq_len=4097: must be in [32, 4096]"),
     ({"segmentation": "tokens"}, "segmentation='tokens': must be one of pytorch, chunks"),
@@ -48,7 +52,8 @@ def test_invalid_values_are_rejected_with_field_and_range(overrides, message):
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match="unknown config key learning_rate; valid keys: vocab_size, seq_len"):
+    with pytest.raises(ConfigError,
+                       match="unknown config key learning_rate; valid keys: vocab_size, seq_len"):
         Config().replace(learning_rate=1.0)
 
 

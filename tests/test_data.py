@@ -10,7 +10,8 @@ LENGTHS = [0, 1, 10, 31, 32, 33, 63, 64, 65, 127, 128, 129, 159, 160, 161, 200, 
 
 
 def rule(seq: list, seq_len: int, rows: bool) -> list[list]:
-    """docs/spec.md's segmentation, transcribed from the PyTorch project's loop, one sequence at a time."""
+    """docs/spec.md's segmentation, transcribed from the PyTorch project's loop, one sequence at
+    a time."""
     L = len(seq)
     if not rows and SEQ_MIN <= L <= SEQ_MAX:
         kept = [seq]

@@ -49,7 +49,8 @@ def test_greedy_equals_torch_reference_argmax_token_by_token(model, prompt_len):
 
     params, c = model
     ref = reference.MiniGPT.from_config(c)
-    ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in torch_compat.to_state_dict(params).items()})
+    ref.load_state_dict({k: torch.from_numpy(np.asarray(v))
+                         for k, v in torch_compat.to_state_dict(params).items()})
     ref.eval()
     context = prompt_of(prompt_len, seed=prompt_len).tolist()
     want = []
@@ -102,7 +103,8 @@ def test_top_k_samples_only_the_k_most_likely_and_never_pad():
     top3 = set(np.argsort(np.asarray(logits))[-4:-1].tolist())
     got = set(np.asarray(draw(logits, jnp.float32(1.0), jnp.int32(3), keys)).tolist())
     assert got == top3
-    assert int(gen.next_token(logits, jnp.float32(0.0), jnp.int32(0), keys[0])) == int(np.argsort(np.asarray(logits))[-2])
+    assert (int(gen.next_token(logits, jnp.float32(0.0), jnp.int32(0), keys[0]))
+            == int(np.argsort(np.asarray(logits))[-2]))
     unfiltered = np.asarray(draw(logits, jnp.float32(1.0), jnp.int32(0), keys))
     assert PAD_TOKEN_ID not in unfiltered and len(set(unfiltered.tolist())) > 100
 
@@ -111,8 +113,10 @@ def test_one_compilation_for_any_prompt_temperature_top_k_and_seed(model):
     params, c = model
     n_new = 7  # a length no other test uses, so the first call below must compile
     traces, cached = gen.TRACES["sample_loop"], gen.sample_loop._cache_size()
-    for prompt_len, temperature, top_k, seed in [(3, 0.0, 0, 0), (50, 0.7, 5, 1), (200, 1.3, 0, 2), (1, 0.0, 2, 3)]:
-        gen.generate(params, c, prompt_of(prompt_len), n_new, temperature=temperature, top_k=top_k, seed=seed)
+    for prompt_len, temperature, top_k, seed in [(3, 0.0, 0, 0), (50, 0.7, 5, 1), (200, 1.3, 0, 2),
+                                                 (1, 0.0, 2, 3)]:
+        gen.generate(params, c, prompt_of(prompt_len), n_new, temperature=temperature, top_k=top_k,
+                     seed=seed)
     assert gen.TRACES["sample_loop"] - traces == 1
     assert gen.sample_loop._cache_size() - cached == 1
 
@@ -165,7 +169,8 @@ def run_main(script, argv, capsys):
     return code, out, err
 
 
-def test_script_prints_prompt_and_greedy_continuation_from_orbax_and_pt(model, saved, script, capsys):
+def test_script_prints_prompt_and_greedy_continuation_from_orbax_and_pt(model, saved, script,
+                                                                        capsys):
     params, c = model
     root, pt = saved
     prompt = "Return the list"
@@ -173,16 +178,17 @@ def test_script_prints_prompt_and_greedy_continuation_from_orbax_and_pt(model, s
     want = tokenizer.decode(ids + gen.generate(params, c, ids, 12, temperature=0.0).tolist())
     folders = [root / "checkpoints" / "tiny", root / "checkpoints" / "tiny" / "0"]
     for path in folders + ([pt] if pt else []):
-        code, out, err = run_main(script, ["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "12",
-                                   "--temperature", "0", "--n-heads", "2"], capsys)
+        code, out, err = run_main(script, ["--checkpoint", str(path), "--prompt", prompt,
+                                           "--max-new-tokens", "12", "--temperature", "0",
+                                           "--n-heads", "2"], capsys)
         assert (code, out, err) == (0, want + "\n", ""), path
     assert out.startswith(prompt) and len(out) > len(prompt) + 1
 
 
 def test_script_sampling_follows_the_seed(saved, script, capsys):
     root, _ = saved
-    argv = ["--checkpoint", str(root / "checkpoints" / "tiny"), "--prompt", "Hello", "--temperature", "1",
-            "--top-k", "0", "--max-new-tokens", "8"]
+    argv = ["--checkpoint", str(root / "checkpoints" / "tiny"), "--prompt", "Hello",
+            "--temperature", "1", "--top-k", "0", "--max-new-tokens", "8"]
     outs = [run_main(script, argv + ["--seed", s], capsys)[1] for s in ("1", "1", "2")]
     assert outs[0] == outs[1] != outs[2]
 
@@ -218,4 +224,5 @@ def test_script_errors_are_one_line_exit_2(saved, script, capsys, argv, message)
 def test_script_error_from_a_fresh_process_has_no_traceback(tmp_path):
     r = run_script("generate.py", "--checkpoint", tmp_path, "--prompt", "Hi", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("generate.py: error: --checkpoint ") and r.stderr.count("\n") == 1, r.stderr
+    assert (r.stderr.startswith("generate.py: error: --checkpoint ")
+            and r.stderr.count("\n") == 1), r.stderr

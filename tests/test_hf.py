@@ -276,8 +276,8 @@ def run_export(tmp_path_factory):
     from minigpt_jax import runner
 
     out = tmp_path_factory.mktemp("run")
-    [r] = runner.run(["baseline"], out=out, overrides={**RUN, "seed": 7}, max_steps=2, export_hf=True,
-                     command="scripts/run.py --export hf")
+    [r] = runner.run(["baseline"], out=out, overrides={**RUN, "seed": 7}, max_steps=2,
+                     export_hf=True, command="scripts/run.py --export hf")
     return r, out
 
 
@@ -303,7 +303,8 @@ def test_run_init_from_starts_every_experiment_from_the_folders_weights(run_expo
     folder = out / "hf" / "baseline"
     # lr 1e-9 for one step: the weights stay the folder's to 1e-6; a fresh start (seed 0, the
     # folder's run had seed 7) would not
-    shape_left_to_folder = {k: v for k, v in RUN.items() if k not in ("embed_dim", "n_heads", "n_layers")}
+    shape_left_to_folder = {k: v for k, v in RUN.items()
+                            if k not in ("embed_dim", "n_heads", "n_layers")}
     [r2] = runner.run(["baseline"], out=tmp_path, overrides={**shape_left_to_folder, "lr": 1e-9},
                       max_steps=1, init_from=folder)
     assert (r2.config.embed_dim, r2.config.n_heads, r2.config.n_layers) == (32, 2, 2)

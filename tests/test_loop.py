@@ -40,7 +40,8 @@ def prep(seqs):
 
 
 def key(rows):
-    return [(r["step"], r["tokens"], r["loss"], r["perplexity"], r["lr"], r["grad_norm"]) for r in rows]
+    return [(r["step"], r["tokens"], r["loss"], r["perplexity"], r["lr"], r["grad_norm"])
+            for r in rows]
 
 
 def test_experiments_live_on_their_own_devices_at_once(tmp_path, prep):
@@ -61,7 +62,8 @@ def test_resume_equals_straight_run(tmp_path, prep):
     exp = loop.Experiment("baseline", small(dropout=0.1), dev)
     straight = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "a", max_steps=9))
     loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "b", max_steps=5))
-    resumed = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "b", max_steps=9, resume=True))
+    resumed = loop.run_experiment(exp, prep,
+                                  RunOptions(out=tmp_path / "b", max_steps=9, resume=True))
     assert resumed.status == "ok" and len(resumed.rows) == 9
     assert key(resumed.rows) == key(straight.rows)
     # the first invocation ended at step 5 and evaluated there too; the rest is the same
@@ -87,7 +89,8 @@ def test_resume_cuts_the_metrics_back_to_the_checkpoint(tmp_path, prep):
 
 def test_checkpoint_holds_state_config_and_a_fixed_size_progress(tmp_path, prep):
     c = small()
-    loop.run_experiment(loop.Experiment("baseline", c, jax.devices()[0]), prep, RunOptions(out=tmp_path, max_steps=5))
+    loop.run_experiment(loop.Experiment("baseline", c, jax.devices()[0]), prep,
+                        RunOptions(out=tmp_path, max_steps=5))
     mngr = checkpoint.manager(tmp_path / "checkpoints" / "baseline")
     assert mngr.all_steps() == [4, 5]
     assert checkpoint.read_config(mngr, 5) == c
@@ -99,11 +102,13 @@ def test_checkpoint_holds_state_config_and_a_fixed_size_progress(tmp_path, prep)
 
 
 def test_metrics_go_to_csv_jsonl_and_tensorboard(tmp_path, prep):
-    loop.run_experiment(loop.Experiment("m", small(), jax.devices()[0]), prep, RunOptions(out=tmp_path, max_steps=4))
+    loop.run_experiment(loop.Experiment("m", small(), jax.devices()[0]), prep,
+                        RunOptions(out=tmp_path, max_steps=4))
     rows = list(csv.DictReader(open(tmp_path / "metrics_m.csv")))
     assert list(rows[0]) == ["step", *loop.TRAIN_FIELDS]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(float(r["lr"]) == pytest.approx(5e-4, rel=1e-6) and float(r["grad_norm"]) > 0 and float(r["seconds"]) > 0 for r in rows)
+    assert all(float(r["lr"]) == pytest.approx(5e-4, rel=1e-6) and float(r["grad_norm"]) > 0
+               and float(r["seconds"]) > 0 for r in rows)
     val = list(csv.DictReader(open(tmp_path / "metrics_m_val.csv")))
     assert [int(r["step"]) for r in val] == [3, 4]
     assert len((tmp_path / "metrics_m.jsonl").read_text().splitlines()) == 4 + 2
@@ -123,7 +128,8 @@ def test_experiments_differing_only_in_lr_share_one_compilation(prep):
 
 
 def test_resume_with_other_config_is_refused(tmp_path, prep):
-    loop.run_experiment(loop.Experiment("baseline", small(), jax.devices()[0]), prep, RunOptions(out=tmp_path, max_steps=2))
+    loop.run_experiment(loop.Experiment("baseline", small(), jax.devices()[0]), prep,
+                        RunOptions(out=tmp_path, max_steps=2))
     with pytest.raises(checkpoint.CheckpointError, match=r"another config \(lr: 0.0005 vs 0.001"):
         checkpoint.check_resumable(tmp_path, {"baseline": small(lr=1e-3)})
     checkpoint.check_resumable(tmp_path, {"baseline": small()})
@@ -141,7 +147,8 @@ def test_nan_stops_only_that_experiment(tmp_path, prep, monkeypatch):
 
     monkeypatch.setattr(program, "train_step", poisoned)
     devs = jax.devices()
-    exps = [loop.Experiment("bad", small(lr=7e-4), devs[1]), loop.Experiment("good", small(), devs[2])]
+    exps = [loop.Experiment("bad", small(lr=7e-4), devs[1]),
+            loop.Experiment("good", small(), devs[2])]
     bad, good = parallel.run_all(exps, lambda c: prep, RunOptions(out=tmp_path, max_steps=10))
     assert bad.status == "failed: bad: non-finite loss at step 7", bad.status
     assert good.status == "ok" and len(good.rows) == 10
@@ -159,7 +166,8 @@ def test_exception_in_one_experiment_is_contained(tmp_path, prep):
             raise RuntimeError("disk on fire")
         return prep
 
-    exps = [loop.Experiment("a", small(seed=13), jax.devices()[0]), loop.Experiment("b", small(), jax.devices()[0])]
+    exps = [loop.Experiment("a", small(seed=13), jax.devices()[0]),
+            loop.Experiment("b", small(), jax.devices()[0])]
     a, b = parallel.run_all(exps, prepare, RunOptions(out=tmp_path, max_steps=2))
     assert a.status == "failed: disk on fire" and b.status == "ok"
 
@@ -173,16 +181,20 @@ def test_block_boundaries_depend_only_on_absolute_step():
 
 
 def test_fused_blocks_match_single_steps_and_resume_at_block_boundaries(tmp_path, prep):
-    """The accelerator path (blocks in one dispatch; a short last block masked), forced on the CPU."""
+    """The accelerator path (blocks in one dispatch; a short last block masked), forced on the
+    CPU."""
     c = small(dropout=0.1, eval_every=10, ckpt_every=10)
     exp = loop.Experiment("baseline", c, jax.devices()[3])
-    single = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "s", max_steps=13, fuse=False))
+    single = loop.run_experiment(exp, prep,
+                                 RunOptions(out=tmp_path / "s", max_steps=13, fuse=False))
     fused = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "f", max_steps=13, fuse=True))
-    np.testing.assert_allclose([r["loss"] for r in fused.rows], [r["loss"] for r in single.rows], rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in fused.rows], [r["loss"] for r in single.rows],
+                               rtol=1e-6)
     assert [r["tokens"] for r in fused.rows] == [r["tokens"] for r in single.rows]
     assert len(fused.rows) == 13
     loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "r", max_steps=10, fuse=True))
-    resumed = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "r", max_steps=13, resume=True, fuse=True))
+    resumed = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "r", max_steps=13,
+                                                        resume=True, fuse=True))
     assert key(resumed.rows) == key(fused.rows)
     p1 = jax.tree_util.tree_leaves(resumed.state.params)
     p2 = jax.tree_util.tree_leaves(fused.state.params)
@@ -196,7 +208,8 @@ def small_disk(tmp_path):
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)],
+                       capture_output=True)
     if r.returncode:
         pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); "
                     "test_a_failing_writer_stops_with_one_line covers the behaviour")
@@ -206,12 +219,13 @@ def small_disk(tmp_path):
 
 def test_disk_full_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk, prep, capfd):
     c = small(ckpt_every=2, eval_every=100)
-    r = loop.run_experiment(loop.Experiment("full", c, jax.devices()[0]), prep, RunOptions(out=small_disk, max_steps=8))
+    r = loop.run_experiment(loop.Experiment("full", c, jax.devices()[0]), prep,
+                            RunOptions(out=small_disk, max_steps=8))
     err = capfd.readouterr().err
     ckpt = small_disk / "checkpoints" / "full"
-    m = re.fullmatch(rf"failed: checkpoint {re.escape(str(ckpt))}: saving step (\d+) failed \(No space left"
-                     r" on device; it needs about 37 MB, \d+ MB free there\); the checkpoint of step (\d+)"
-                     r" is kept", r.status)
+    m = re.fullmatch(rf"failed: checkpoint {re.escape(str(ckpt))}: saving step (\d+) failed"
+                     r" \(No space left on device; it needs about 37 MB, \d+ MB free there\);"
+                     r" the checkpoint of step (\d+) is kept", r.status)
     assert m, r.status
     failed, kept = int(m.group(1)), int(m.group(2))
     assert kept == failed - 2 and failed < 8
@@ -219,7 +233,8 @@ def test_disk_full_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk,
     mngr = checkpoint.manager(ckpt)
     assert mngr.latest_step() == kept
     checkpoint.verify(mngr, kept, c)  # the previous checkpoint is whole
-    assert [row["step"] for row in r.rows][:failed] == list(range(1, failed + 1))  # the metrics are kept
+    # the metrics are kept
+    assert [row["step"] for row in r.rows][:failed] == list(range(1, failed + 1))
     assert r.state is not None  # the trained state survives for an export
 
 
@@ -238,9 +253,11 @@ def test_a_failing_writer_stops_with_one_line(tmp_path, prep, monkeypatch, capfd
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     c = small(ckpt_every=2, eval_every=100)
-    r = loop.run_experiment(loop.Experiment("w", c, jax.devices()[0]), prep, RunOptions(out=tmp_path, max_steps=8))
+    r = loop.run_experiment(loop.Experiment("w", c, jax.devices()[0]), prep,
+                            RunOptions(out=tmp_path, max_steps=8))
     ckpt = tmp_path / "checkpoints" / "w"
-    assert r.status.startswith(f"failed: checkpoint {ckpt}: saving step 4 failed (No space left on device;")
+    assert r.status.startswith(f"failed: checkpoint {ckpt}: saving step 4 failed"
+                               " (No space left on device;")
     assert r.status.endswith("; the checkpoint of step 2 is kept") and "\n" not in r.status
     assert "Traceback" not in capfd.readouterr().err
     assert checkpoint.manager(ckpt).latest_step() == 2
@@ -258,7 +275,8 @@ def test_a_stopped_cosine_run_resumes_on_the_same_schedule(tmp_path, prep):
     stop.set()  # honoured at the first block's end (step 3)
     stopped = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "b", max_steps=9, stop=stop))
     assert stopped.status == "stopped at step 3"
-    resumed = loop.run_experiment(exp, prep, RunOptions(out=tmp_path / "b", max_steps=9, resume=True))
+    resumed = loop.run_experiment(exp, prep,
+                                  RunOptions(out=tmp_path / "b", max_steps=9, resume=True))
     assert resumed.status == "ok" and key(resumed.rows) == key(straight.rows)
     lrs = [r["lr"] for r in straight.rows]
     assert lrs[:3] == pytest.approx([5e-4 / 3, 1e-3 / 3, 5e-4], rel=1e-6)  # nanoGPT's warmup
@@ -268,7 +286,8 @@ def test_a_stopped_cosine_run_resumes_on_the_same_schedule(tmp_path, prep):
 def test_nothing_held_out_means_no_evaluation(tmp_path, seqs):
     """val_fraction=0 (training on everything, as the PyTorch project did): no validation rows."""
     c = small(val_fraction=0.0)
-    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), data.prepare(seqs, c), RunOptions(out=tmp_path, max_steps=4))
+    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), data.prepare(seqs, c),
+                            RunOptions(out=tmp_path, max_steps=4))
     assert r.status == "ok" and len(r.rows) == 4 and r.val_rows == []
     assert tables.row(r)["val_loss"] is None
 
@@ -287,7 +306,8 @@ def test_final_evaluation_of_zero_batches_is_every_held_out_batch(tmp_path, prep
     """eval_final_batches=0: exactly the figure of evaluating every held-out batch in turn; a
     bound below the held-out set's size evaluates fewer segments."""
     c = small(eval_final_batches=0)
-    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), prep, RunOptions(out=tmp_path / "a", max_steps=2))
+    r = loop.run_experiment(loop.Experiment("all", c, jax.devices()[0]), prep,
+                            RunOptions(out=tmp_path / "a", max_steps=2))
     sums, counts = [], []
     for batch in data.eval_batches(prep.val, c.batch_size):
         m = jax.device_get(train.eval_step(r.state, batch))
@@ -300,12 +320,13 @@ def test_final_evaluation_of_zero_batches_is_every_held_out_batch(tmp_path, prep
     assert r.final_eval.loss == pytest.approx(whole.loss, rel=1e-6)
     assert r.val_rows[-1]["val_loss"] == pytest.approx(whole.loss, rel=1e-6)
     bounded = loop.run_experiment(loop.Experiment("one", small(eval_final_batches=1),
-                                                  jax.devices()[0]), prep, RunOptions(out=tmp_path / "b", max_steps=2))
+                                                  jax.devices()[0]), prep,
+                                  RunOptions(out=tmp_path / "b", max_steps=2))
     assert bounded.final_eval.segments <= c.batch_size < whole.segments
 
 
-def test_bounded_final_sample_is_the_same_across_experiments_data_copies_and_a_resume(tmp_path, seqs,
-                                                                                      prep):
+def test_bounded_final_sample_is_the_same_across_experiments_data_copies_and_a_resume(
+        tmp_path, seqs, prep):
     c = small(eval_final_batches=2)
     assert 2 * c.batch_size < len(prep.val), "the bound must make it a sample"
     again = data.prepare(data.from_arrays(seqs.to_list(), "the same data, read again"), c)
@@ -313,18 +334,24 @@ def test_bounded_final_sample_is_the_same_across_experiments_data_copies_and_a_r
     np.testing.assert_array_equal(
         np.stack(picked), np.stack(evaluation.final_batches(again.val, 2, c.batch_size, c.seed)))
     dev = jax.devices()[0]
-    a = loop.run_experiment(loop.Experiment("a", c, dev), prep, RunOptions(out=tmp_path / "a", max_steps=6))
-    b = loop.run_experiment(loop.Experiment("b", c.replace(lr=1e-3), dev), prep, RunOptions(out=tmp_path / "b", max_steps=6))
+    a = loop.run_experiment(loop.Experiment("a", c, dev), prep,
+                            RunOptions(out=tmp_path / "a", max_steps=6))
+    b = loop.run_experiment(loop.Experiment("b", c.replace(lr=1e-3), dev), prep,
+                            RunOptions(out=tmp_path / "b", max_steps=6))
     assert a.final_eval.loss != b.final_eval.loss  # other weights, the same held-out rows
-    assert (a.final_eval.tokens, a.final_eval.segments) == (b.final_eval.tokens, b.final_eval.segments)
+    assert ((a.final_eval.tokens, a.final_eval.segments)
+            == (b.final_eval.tokens, b.final_eval.segments))
     assert a.final_eval.tokens == int(np.count_nonzero(np.stack(picked)[:, :, 1:] != PAD_TOKEN_ID))
-    loop.run_experiment(loop.Experiment("a", c, dev), prep, RunOptions(out=tmp_path / "c", max_steps=3))
-    resumed = loop.run_experiment(loop.Experiment("a", c, dev), prep, RunOptions(out=tmp_path / "c", max_steps=6, resume=True))
+    loop.run_experiment(loop.Experiment("a", c, dev), prep,
+                        RunOptions(out=tmp_path / "c", max_steps=3))
+    resumed = loop.run_experiment(loop.Experiment("a", c, dev), prep,
+                                  RunOptions(out=tmp_path / "c", max_steps=6, resume=True))
     assert resumed.final_eval == a.final_eval
 
 
 def test_phase_times_and_throughput_without_compilation(tmp_path, prep):
-    r = loop.run_experiment(loop.Experiment("p", small(), jax.devices()[0]), prep, RunOptions(out=tmp_path, max_steps=4))
+    r = loop.run_experiment(loop.Experiment("p", small(), jax.devices()[0]), prep,
+                            RunOptions(out=tmp_path, max_steps=4))
     assert {"compile", "train", "final_eval"} <= set(r.phases)
     assert all(r.phases[k] > 0 for k in ("compile", "train", "final_eval")), r.phases
     row = tables.row(r)

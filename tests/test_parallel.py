@@ -26,7 +26,8 @@ TINY = tiny_args(batch_size=8)
 def chunks():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 50000, n) for n in rng.integers(40, 200, 60)]
-    return data.prepare(data.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
+    return data.prepare(data.from_arrays(seqs, "test"),
+                        Config(seq_len=32, val_fraction=0.1, seed=0))
 
 
 def losses(rows):
@@ -36,20 +37,24 @@ def losses(rows):
 def test_mesh_of_four_equals_one_device(tmp_path, chunks, monkeypatch):
     c = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=8, dropout=0.0)
     devs = jax.devices()[:4]
-    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, RunOptions(out=tmp_path / "a", max_steps=5))
-    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, RunOptions(out=tmp_path / "b", max_steps=5))
+    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks,
+                              RunOptions(out=tmp_path / "a", max_steps=5))
+    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks,
+                               RunOptions(out=tmp_path / "b", max_steps=5))
     assert one.status == four.status == "ok"
     assert four.state_devices == set(devs) and four.device == "cpu:0-3"
     np.testing.assert_allclose(losses(four.rows), losses(one.rows), rtol=RTOL)
     assert [r["tokens"] for r in four.rows] == [r["tokens"] for r in one.rows]
-    np.testing.assert_allclose(four.val_rows[-1]["val_loss"], one.val_rows[-1]["val_loss"], rtol=RTOL)
+    np.testing.assert_allclose(four.val_rows[-1]["val_loss"], one.val_rows[-1]["val_loss"],
+                               rtol=RTOL)
     # parameters are replicated: every device holds the whole tensor
     kernel = four.state.params["head"]["kernel"]
     assert kernel.sharding.is_fully_replicated
 
 
 def test_batch_not_divisible_is_an_error():
-    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 data-parallel devices"):
+    with pytest.raises(ValueError,
+                       match="batch_size=6 is not divisible by the 4 data-parallel devices"):
         loop.Experiment("x", Config(batch_size=6), jax.devices()[:4])
 
 
@@ -81,7 +86,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     np.testing.assert_allclose([r[2] for r in b], [r[2] for r in a], rtol=RTOL)
     # process 0 wrote the outputs; the checkpoints were written together
     assert (tmp_path / "multi" / "results_table.csv").is_file()
-    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "baseline").iterdir()) == ["2", "4"]
+    assert (sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "baseline").iterdir())
+            == ["2", "4"])
     rows = list(csv.DictReader(open(tmp_path / "multi" / "results_table.csv")))
     assert rows[0]["status"] == "ok"
-    assert len(rows[0]["device"].split(":")[1].split(",")) == 4  # e.g. cpu:0,1,2048,2049: ids are per process
+    # e.g. cpu:0,1,2048,2049: ids are per process
+    assert len(rows[0]["device"].split(":")[1].split(",")) == 4

@@ -24,7 +24,8 @@ from torch_compat import reference as ref  # noqa: E402
 # float32 matmuls on every platform: the bounds below cannot hold under TF32 (a GPU's default)
 pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
-CONFIG = Config(dropout=0.0)  # baseline width, full vocabulary; dropout 0 so both runs are deterministic
+# baseline width, full vocabulary; dropout 0 so both runs are deterministic
+CONFIG = Config(dropout=0.0)
 
 
 def make_batch(seed: int) -> np.ndarray:
@@ -44,7 +45,8 @@ def reference_model(config: Config = CONFIG) -> "ref.MiniGPT":
 
 @pytest.fixture(scope="module")
 def jax_params():
-    return jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(0))  # jitted: twice as fast as eager
+    # jitted: twice as fast as eager
+    return jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(0))
 
 
 def reference_with(params) -> "ref.MiniGPT":
@@ -96,7 +98,8 @@ def test_loss_and_every_gradient_agree(jax_params):
     tokens = make_batch(2)
 
     def loss_fn(p):
-        return masked_lm_loss(MiniGPT(CONFIG).apply({"params": p}, jnp.asarray(tokens)), jnp.asarray(tokens))[0]
+        return masked_lm_loss(MiniGPT(CONFIG).apply({"params": p}, jnp.asarray(tokens)),
+                              jnp.asarray(tokens))[0]
 
     loss_j, grads_j = jax.jit(jax.value_and_grad(loss_fn))(jax_params)
     model = reference_with(jax_params)
@@ -139,17 +142,19 @@ def test_fifty_adamw_steps_agree(jax_params):
         state, metrics = train_step(state, jnp.asarray(batch), rng)
         rel = abs(float(metrics["loss"]) - loss_t) / loss_t
         worst = max(worst, rel)
-        assert rel <= 1e-5, f"step {step}: loss {float(metrics['loss'])} (JAX) vs {loss_t} (PyTorch)"
+        assert rel <= 1e-5, (f"step {step}: loss {float(metrics['loss'])} (JAX)"
+                             f" vs {loss_t} (PyTorch)")
         losses.append(loss_t)
-    assert losses[-1] < losses[0] - 1.0, f"training barely moved ({losses[0]:.3f} -> {losses[-1]:.3f})"
+    assert losses[-1] < losses[0] - 1.0, (f"training barely moved"
+                                          f" ({losses[0]:.3f} -> {losses[-1]:.3f})")
 
     final_j = to_state_dict(state.params)
     final_t = model.state_dict()
     start = to_state_dict(jax_params)
     max_diff = max((final_j[k] - final_t[k]).abs().max().item() for k in final_t)
     moved = min((final_t[k] - start[k]).abs().max().item() for k in final_t)
-    print(f"50 steps: worst loss relative difference {worst:.3g}; final params max |d| {max_diff:.3g};"
-          f" every tensor moved by at least {moved:.3g}")
+    print(f"50 steps: worst loss relative difference {worst:.3g};"
+          f" final params max |d| {max_diff:.3g}; every tensor moved by at least {moved:.3g}")
     assert moved > 1e-3  # every parameter tensor was trained
     assert max_diff <= 1e-4
 
@@ -163,7 +168,8 @@ def test_round_trip_params_state_dict_params_is_bit_exact(jax_params):
     for path, a in flat_a:
         b = flat_b[path]
         assert b.dtype == a.dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(b).view(np.uint32), np.asarray(a).view(np.uint32), err_msg=str(path))
+        np.testing.assert_array_equal(np.asarray(b).view(np.uint32),
+                                      np.asarray(a).view(np.uint32), err_msg=str(path))
 
 
 def test_round_trip_state_dict_params_state_dict_is_bit_exact():

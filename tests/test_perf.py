@@ -27,7 +27,8 @@ def test_eval_step_equals_full_logits_loss(tiny):
     for b in range(tiny.batch_size):
         loss_b, n_b = _full_logits_loss(tiny, state.params, tokens[b : b + 1])
         assert int(out["tokens"][b]) == int(n_b)
-        np.testing.assert_allclose(float(out["loss_sum"][b]), float(loss_b * n_b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(float(out["loss_sum"][b]), float(loss_b * n_b),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_fused_steps_equal_single_steps(tiny):

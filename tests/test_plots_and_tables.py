@@ -23,7 +23,8 @@ def fake_run(n_steps=100, batch_tokens=2000, final=5.2, seed=0, val_every=25):
                      "seconds": step * 0.1})
         if step % val_every == 0:
             vl = final + 0.1 + (11.0 - final) * math.exp(-step / 15)
-            val_rows.append({"step": step, "tokens": tokens, "val_loss": vl, "val_perplexity": math.exp(vl)})
+            val_rows.append({"step": step, "tokens": tokens, "val_loss": vl,
+                             "val_perplexity": math.exp(vl)})
     return rows, val_rows
 
 
@@ -111,7 +112,8 @@ def test_comparison_uses_tokens_and_one_colour_per_experiment():
         assert line.get_color() == markers.get_color() and markers.get_marker() == "o"
     # Both runs saw the same tokens over different step counts: the x ranges match.
     assert lines[0].get_xdata()[-1] == pytest.approx(lines[2].get_xdata()[-1], rel=0.01)
-    legends = [[t.get_text() for t in c.get_texts()] for c in ax.get_children() if isinstance(c, Legend)]
+    legends = [[t.get_text() for t in c.get_texts()] for c in ax.get_children()
+               if isinstance(c, Legend)]
     assert sorted(legends) == [["baseline", "batch_size_16"],
                                ["train, centred moving average (~1/10 run)", "validation"]]
     assert figs["perplexity_curves.png"].axes[0].get_yscale() == "log"
@@ -121,9 +123,11 @@ def test_comparison_uses_tokens_and_one_colour_per_experiment():
 def test_png_files_are_written_whole_readable_and_not_blank(tmp_path):
     rows, val_rows = fake_run()
     paths = plots.plot_experiment(tmp_path, "baseline", rows, val_rows)
-    paths += plots.plot_comparison(tmp_path, {"baseline": (rows, val_rows), "n_layers_1": fake_run(seed=3)})
+    paths += plots.plot_comparison(tmp_path, {"baseline": (rows, val_rows),
+                                              "n_layers_1": fake_run(seed=3)})
     assert sorted(p.name for p in paths) == ["loss_curve_baseline.png", "loss_curves.png",
-                                             "perplexity_curve_baseline.png", "perplexity_curves.png"]
+                                             "perplexity_curve_baseline.png",
+                                             "perplexity_curves.png"]
     for path in paths:
         image = matplotlib.image.imread(path)
         assert image.shape[:2] == (600, 960), path  # 8 x 5 inches at 120 dpi
@@ -131,13 +135,15 @@ def test_png_files_are_written_whole_readable_and_not_blank(tmp_path):
         assert (rgb.min(axis=1) < 0.9).mean() > 0.02, f"{path} is nearly blank"
         assert len(np.unique(np.round(rgb * 255), axis=0)) > 50, f"{path} has almost no colours"
         assert path.stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files
+    # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
 def test_failed_experiment_without_steps_writes_no_curve_and_does_not_crash(tmp_path):
     assert plots.plot_experiment(tmp_path, "failed", [], []) == []
     assert plots.plot_comparison(tmp_path, {"failed": ([], [])}) == []
-    nan_rows = [{"step": s, "tokens": 100 * s, "loss": math.nan, "perplexity": math.nan} for s in (1, 2, 3)]
+    nan_rows = [{"step": s, "tokens": 100 * s, "loss": math.nan, "perplexity": math.nan}
+                for s in (1, 2, 3)]
     paths = plots.plot_experiment(tmp_path, "diverged", nan_rows)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
     assert "3 non-finite steps" in plots.experiment_figures("diverged", nan_rows)[
@@ -153,11 +159,11 @@ RESULTS = [
      "val_loss": 5.3, "val_perplexity": 200.34, "val_stderr": 0.012, "val_tokens": 60_000,
      "wall_seconds": 95.25, "compile_seconds": 3.5, "tokens_per_second": 25396.0,
      "status": "ok"},
-    {"experiment": "lr_1e-3", "final_loss": 5.5, "final_perplexity": 244.69, "overrides": {"lr": 0.001},
-     "parameters": 13_326_976, "device": "cuda:2",
+    {"experiment": "lr_1e-3", "final_loss": 5.5, "final_perplexity": 244.69,
+     "overrides": {"lr": 0.001}, "parameters": 13_326_976, "device": "cuda:2",
      "steps": 600, "tokens": 1_209_000, "train_loss": 5.6, "train_perplexity": 270.4,
-     "val_loss": math.nan, "val_perplexity": None, "wall_seconds": 48.0, "tokens_per_second": 25187.5,
-     "status": "stopped at step 600"},
+     "val_loss": math.nan, "val_perplexity": None, "wall_seconds": 48.0,
+     "tokens_per_second": 25187.5, "status": "stopped at step 600"},
     {"experiment": "embed_dim_64", "overrides": "embed_dim=64", "device": "cuda:5",
      "status": "failed: RuntimeError: out of memory\nwhile allocating " + "x" * 100},
 ]
@@ -170,16 +176,18 @@ def test_results_csv_round_trips_with_the_documented_columns(tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert tuple(reader.fieldnames) == tables.RESULT_FIELDS == (
-        "experiment", "final_loss", "final_perplexity", "overrides", "parameters", "device", "steps",
-        "tokens", "train_loss",
-        "train_perplexity", "val_loss", "val_perplexity", "val_stderr", "val_tokens", "wall_seconds",
-        "compile_seconds", "tokens_per_second", "status")
+        "experiment", "final_loss", "final_perplexity", "overrides", "parameters", "device",
+        "steps", "tokens", "train_loss",
+        "train_perplexity", "val_loss", "val_perplexity", "val_stderr", "val_tokens",
+        "wall_seconds", "compile_seconds", "tokens_per_second", "status")
     ok, stopped, failed = rows
-    assert float(ok["train_loss"]) == 5.123456 and int(ok["parameters"]) == 13_326_976  # full precision
+    # full precision
+    assert float(ok["train_loss"]) == 5.123456 and int(ok["parameters"]) == 13_326_976
     assert float(ok["final_loss"]) == 5.2 and float(stopped["final_perplexity"]) == 244.69
     numeric = tables.RESULT_FIELDS[1:3] + tables.RESULT_FIELDS[6:17]
     assert all(math.isfinite(float(ok[k])) for k in numeric)
-    assert stopped["overrides"] == "lr=0.001" and stopped["val_loss"] == stopped["val_perplexity"] == ""
+    assert (stopped["overrides"] == "lr=0.001"
+            and stopped["val_loss"] == stopped["val_perplexity"] == "")
     assert stopped["status"] == "stopped at step 600"
     assert all(failed[k] == "" for k in numeric) and failed["parameters"] == ""
     assert failed["status"].startswith("failed: RuntimeError: out of memory while allocating xxx")
@@ -201,14 +209,18 @@ def test_results_txt_has_a_title_and_aligned_fixed_width_columns():
     for line in body:
         row = cells(line)
         assert len(row) == len(head), line
-        for (h_start, h_end, _), (start, end, text), (_, _, kind) in zip(head, row, tables.RESULT_COLUMNS):
+        for (h_start, h_end, _), (start, end, text), (_, _, kind) in zip(head, row,
+                                                                         tables.RESULT_COLUMNS):
             if kind == "text":
                 assert start == h_start, (line, text)  # left-aligned under its header
             else:
                 assert end == h_end, (line, text)  # right-aligned under its header
-    ok, stopped, failed = (dict(zip([c[2] for c in head], [c[2] for c in cells(x)])) for x in body)
-    assert ok["params"] == "13,326,976" and ok["smoothed loss"] == "5.1235" and ok["overrides"] == "-"
-    assert ok["final loss"] == "5.2000" and list(ok)[:3] == ["experiment", "final loss", "final ppl"]
+    ok, stopped, failed = (dict(zip([c[2] for c in head], [c[2] for c in cells(x)]))
+                           for x in body)
+    assert (ok["params"] == "13,326,976" and ok["smoothed loss"] == "5.1235"
+            and ok["overrides"] == "-")
+    assert (ok["final loss"] == "5.2000"
+            and list(ok)[:3] == ["experiment", "final loss", "final ppl"])
     assert stopped["val loss"] == stopped["val ppl"] == "-"
     assert failed["final loss"] == failed["smoothed loss"] == failed["tokens/s"] == "-"
     assert failed["status"].endswith("...") and len(failed["status"]) == tables.TXT_TEXT_MAX

@@ -182,7 +182,8 @@ def test_data_statistics_keep_the_counts_not_the_segments():
         full = data.prepare(seqs, c)
         assert stats[name].train.nbytes == stats[name].val.nbytes == 0
         assert (len(stats[name].train), len(stats[name].val)) == (len(full.train), len(full.val))
-        assert (stats[name].label_tokens, stats[name].pad_share) == (full.label_tokens, full.pad_share)
+        assert ((stats[name].label_tokens, stats[name].pad_share)
+                == (full.label_tokens, full.pad_share))
 
 
 def test_ranking_says_within_noise_when_the_held_out_test_does_not_resolve_it():
@@ -197,12 +198,13 @@ def test_ranking_says_within_noise_when_the_held_out_test_does_not_resolve_it():
     # no per-segment losses: unpaired, se hypot(0.02, 0.02); a-b 0.02 apart: p 0.48, tied;
     # b-c 0.38 apart: ordered, with its interval and p-value
     assert "`a` ≈ `b` < `c`" in notes
-    assert ("`a` and `b` differ by -0.0200 in final validation loss (a − b: 95% CI -0.0754 to +0.0354,"
+    assert ("`a` and `b` differ by -0.0200 in final validation loss"
+            " (a − b: 95% CI -0.0754 to +0.0354,"
             " p = 0.480; two unpaired standard errors: different held-out segments): within the"
             " held-out sample's noise.") in notes
     assert "over 5,000 held-out label tokens (100 segments), standard error 0.0200" in notes
-    assert ("`b` is lower (better) than `c` by 0.3800 in final validation loss (b − c: 95% CI -0.4354 to"
-            " -0.3246, p < 0.001;") in notes
+    assert ("`b` is lower (better) than `c` by 0.3800 in final validation loss"
+            " (b − c: 95% CI -0.4354 to -0.3246, p < 0.001;") in notes
 
 
 def test_setup_shows_where_the_time_went(tmp_path):
@@ -217,7 +219,8 @@ def test_setup_shows_where_the_time_went(tmp_path):
 
 
 def test_write_section_replaces_its_own_section_and_keeps_the_rest(tmp_path):
-    (tmp_path / report.FILE).write_text("# MiniGPT report\n\n## Results\n\nold\n\n## Setup\n\nkept\n")
+    (tmp_path / report.FILE).write_text(
+        "# MiniGPT report\n\n## Results\n\nold\n\n## Setup\n\nkept\n")
     report.write_section(tmp_path, "Results", "new body")
     report.write_section(tmp_path, "Tuning", "study")
     text = (tmp_path / report.FILE).read_text()

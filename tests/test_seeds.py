@@ -12,7 +12,8 @@ SMALL = {"embed_dim": 16, "n_heads": 2, "n_layers": 1, "seq_len": 32, "batch_siz
 
 def test_seeds_expand_each_experiment_into_named_runs_of_consecutive_seeds():
     p = runner.plan(["baseline", "lr_1e-3"], {"seed": 7}, seeds=3)
-    assert list(p.experiments) == [f"{n}_seed{s}" for n in ("baseline", "lr_1e-3") for s in (7, 8, 9)]
+    assert list(p.experiments) == [f"{n}_seed{s}" for n in ("baseline", "lr_1e-3")
+                                   for s in (7, 8, 9)]
     assert [c.seed for c, _ in p.experiments.values()] == [7, 8, 9, 7, 8, 9]
     assert {c.data_seed for c, _ in p.experiments.values()} == {42}  # the held-out set stays
     assert p.experiment("lr_1e-3_seed8") == "lr_1e-3"
@@ -20,7 +21,8 @@ def test_seeds_expand_each_experiment_into_named_runs_of_consecutive_seeds():
 
 
 def test_one_seed_is_todays_plan():
-    one, today = runner.plan(["baseline", "n_layers_1"], seeds=1), runner.plan(["baseline", "n_layers_1"])
+    one, today = (runner.plan(["baseline", "n_layers_1"], seeds=1),
+                  runner.plan(["baseline", "n_layers_1"]))
     assert one == today and list(one.experiments) == ["baseline", "n_layers_1"] and not one.groups
 
 
@@ -36,7 +38,8 @@ def test_bad_seed_counts_are_refused(seeds, message):
 
 
 def test_a_seed_range_that_leaves_32_bits_is_refused():
-    with pytest.raises(runner.RunError, match=r"baseline's seeds 4294967294..4294967296 leave \[0, 2\*\*32\)"):
+    with pytest.raises(runner.RunError,
+                       match=r"baseline's seeds 4294967294..4294967296 leave \[0, 2\*\*32\)"):
         runner.plan(["baseline"], {"seed": 2**32 - 2}, seeds=3)
 
 

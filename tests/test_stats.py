@@ -20,8 +20,8 @@ def test_summary_is_mean_sample_std_and_students_t_interval():
     x = np.array([6.90, 6.88, 6.95])
     lo, hi = sps.t.interval(0.95, 2, loc=x.mean(), scale=sps.sem(x))
     assert s.n == 3 and s.mean == pytest.approx(x.mean()) and s.std == pytest.approx(x.std(ddof=1))
-    assert s.ci95 == pytest.approx((hi - lo) / 2) and s.ci95 == pytest.approx(4.303 * s.std / 3**0.5,
-                                                                              rel=1e-3)
+    assert (s.ci95 == pytest.approx((hi - lo) / 2)
+            and s.ci95 == pytest.approx(4.303 * s.std / 3**0.5, rel=1e-3))
     one = stats.summary([5.0])
     assert (one.n, one.mean) == (1, 5.0) and math.isnan(one.std) and math.isnan(one.ci95)
     assert stats.summary([]).n == 0

@@ -13,11 +13,14 @@ DEVICES = 2  # simulated CPU devices of each run
 
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
-    """Two documents of plain English, long enough for the segmentation (docs/spec.md) (>= 32 tokens)."""
+    """Two documents of plain English, long enough for the segmentation (docs/spec.md)
+    (>= 32 tokens)."""
     folder = tmp_path_factory.mktemp("text")
-    words = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun".split()
+    words = ("the quick brown fox jumps over the lazy dog while the cat sleeps in the"
+             " warm sun").split()
     for i in range(2):
-        (folder / f"doc{i}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(2500)))
+        (folder / f"doc{i}.txt").write_text(" ".join(words[(i + j) % len(words)]
+                                                     for j in range(2500)))
     (folder / "sub").mkdir()
     (folder / "sub" / "more.txt").write_text("A third document, short, in a subfolder. " * 60)
     return folder
@@ -55,11 +58,14 @@ def test_a_2x2_sweep_over_text_writes_four_experiments(tmp_path, text_folder):
 @pytest.mark.parametrize("args, message", [
     (["--sweep", "lr"], "--sweep 'lr': expected key=v1,v2,..., e.g. --sweep lr=1e-3,3e-4"),
     (["--sweep", "lr=1e-3,"], "--sweep 'lr=1e-3,': expected key=v1,v2,..."),
-    (["--sweep", "lr=1e-3", "--sweep", "lr=2e-3"], "--sweep lr given twice; expected each key once"),
-    (["--sweep", "lr=1e-3,0.001"], "--sweep lr: 1e-3, 0.001 are the same value; expected distinct values"),
+    (["--sweep", "lr=1e-3", "--sweep", "lr=2e-3"],
+     "--sweep lr given twice; expected each key once"),
+    (["--sweep", "lr=1e-3,0.001"],
+     "--sweep lr: 1e-3, 0.001 are the same value; expected distinct values"),
     (["--sweep", "learning_rate=1"], "unknown config key 'learning_rate'"),
     (["--sweep", "lr=fast"], "lr='fast': expected float"),
-    (["--only", "n_layers_1", "--sweep", "n_layers=2,3"], "--sweep n_layers: experiment n_layers_1 sets"),
+    (["--only", "n_layers_1", "--sweep", "n_layers=2,3"],
+     "--sweep n_layers: experiment n_layers_1 sets"),
     (["--set", "lr_schedule=linear"], "lr_schedule='linear': must be one of constant, cosine"),
     (["--set", "warmup_steps=-1"], "warmup_steps=-1: must be >= 0"),
     (["--set", "min_lr_ratio=2"], "min_lr_ratio=2.0: must be in [0, 1]"),
@@ -96,14 +102,15 @@ def test_cosine_schedule_needs_more_steps_than_its_warmup(tmp_path, text_folder)
 def test_a_stacked_sweep_equals_the_same_sweep_run_variant_by_variant(tmp_path, text_folder):
     """--stack trains the variants as one vmapped program; each still gets its own files and
     the same per-step losses (float32 rounding: tests/test_stack.py states the bound)."""
-    common = ["--data", text_folder, "--sweep", "lr=1e-3,3e-3", "--sweep", "seed=1,2", "--max-steps", 3,
-              *TINY, "--set", "dropout=0.1"]
+    common = ["--data", text_folder, "--sweep", "lr=1e-3,3e-3", "--sweep", "seed=1,2",
+              "--max-steps", 3, *TINY, "--set", "dropout=0.1"]
     alone = run_script("run.py", *common, "--out", tmp_path / "alone", devices=DEVICES)
     stacked = run_script("run.py", *common, "--stack", "--out", tmp_path / "stacked",
                          devices=DEVICES)
     assert alone.returncode == stacked.returncode == 0, stacked.stderr[-3000:]
     for name in ["lr_1e-3_seed_1", "lr_1e-3_seed_2", "lr_3e-3_seed_1", "lr_3e-3_seed_2"]:
-        a, s = ([float(r["loss"]) for r in csv.DictReader(open(tmp_path / d / f"metrics_{name}.csv"))]
+        a, s = ([float(r["loss"])
+                 for r in csv.DictReader(open(tmp_path / d / f"metrics_{name}.csv"))]
                 for d in ("alone", "stacked"))
         assert len(a) == len(s) == 3 and a == pytest.approx(s, rel=1e-6), name
         for f in (f"mini_gpt_{name}.pt", f"loss_curve_{name}.png", "report.md"):

@@ -52,12 +52,14 @@ def test_each_wrapping_loads_with_the_config_from_its_shapes(their_files):
     want = model.state_dict()
     for name, path in files.items():
         params, config = torch_compat.load_params(path, n_heads=2)
-        assert (config.seq_len, config.embed_dim, config.n_layers, config.ffn_mult) == (32, 32, 2, 4), name
+        assert ((config.seq_len, config.embed_dim, config.n_layers, config.ffn_mult)
+                == (32, 32, 2, 4)), name
         back = torch_compat.to_state_dict(params)
         assert list(back) == list(want) and all(torch.equal(back[k], want[k]) for k in want), name
 
 
-def test_generate_script_continues_from_their_file_as_their_model_would(their_files, generate_script, capsys):
+def test_generate_script_continues_from_their_file_as_their_model_would(their_files,
+                                                                        generate_script, capsys):
     model, files = their_files
     prompt = "The meaning of"
     ids = tokenizer.encode(prompt)
@@ -69,8 +71,9 @@ def test_generate_script_continues_from_their_file_as_their_model_would(their_fi
             context.append(int(logits.argmax()))
     want = tokenizer.decode(context)
     for name, path in files.items():
-        code = generate_script.main(["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "6",
-                                     "--temperature", "0", "--n-heads", "2"])
+        code = generate_script.main(["--checkpoint", str(path), "--prompt", prompt,
+                                     "--max-new-tokens", "6", "--temperature", "0",
+                                     "--n-heads", "2"])
         out, err = capsys.readouterr()
         assert (code, out, err) == (0, want + "\n", ""), name
 

@@ -249,7 +249,8 @@ def test_training_from_the_cache_equals_training_from_a_fresh_read(pt, tmp_path,
     c = tiny.replace(eval_every=2, eval_batches=1, val_fraction=0.2)
     rows = []
     for i, s in enumerate((fresh, cached, prepared)):
-        r = loop.run_experiment(loop.Experiment("baseline", c, jax.devices()[0]), data.prepare(s, c),
+        r = loop.run_experiment(loop.Experiment("baseline", c, jax.devices()[0]),
+                                data.prepare(s, c),
                                 RunOptions(out=tmp_path / f"out{i}", max_steps=4))
         assert r.status == "ok", r.status
         rows.append([(x["step"], x["loss"], x["grad_norm"]) for x in r.rows]

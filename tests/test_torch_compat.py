@@ -28,11 +28,13 @@ from torch_compat import (  # noqa: E402
 )
 from torch_compat import reference as ref  # noqa: E402
 
-SEQS = [np.arange(5, 75), np.array([7, 8, 9]), np.arange(1000, 1200), np.array([PAD_TOKEN_ID, 1, 2, 3])]
+SEQS = [np.arange(5, 75), np.array([7, 8, 9]), np.arange(1000, 1200),
+        np.array([PAD_TOKEN_ID, 1, 2, 3])]
 
 
 def fake_params(config: Config, seed: int = 0) -> dict:
-    """A params tree of the model's exact structure with random values, without compiling an init."""
+    """A params tree of the model's exact structure with random values, without compiling an
+    init."""
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
@@ -57,7 +59,8 @@ def test_without_torch_each_call_says_how_to_install_it(monkeypatch, tmp_path, t
     params = tiny_params
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if not installed
     for call in (lambda: load_sequences(tmp_path / "x.pt"), lambda: to_state_dict(params),
-                 lambda: from_state_dict({}), lambda: torch_compat.save_state_dict(params, tmp_path / "m.pt")):
+                 lambda: from_state_dict({}),
+                 lambda: torch_compat.save_state_dict(params, tmp_path / "m.pt")):
         with pytest.raises(TorchMissingError) as e:
             call()
         assert isinstance(e.value, ImportError)
@@ -75,7 +78,8 @@ def save(obj, path: pathlib.Path, **kw) -> pathlib.Path:
 
 def assert_same_chunks(got, expected_seqs, seq_len=32):
     assert all(s.dtype == np.int32 and s.ndim == 1 for s in got)
-    np.testing.assert_array_equal(chunk_sequences(got, seq_len), chunk_sequences(expected_seqs, seq_len))
+    np.testing.assert_array_equal(chunk_sequences(got, seq_len),
+                                  chunk_sequences(expected_seqs, seq_len))
 
 
 def test_tokenized_data_gives_the_chunks_of_the_same_sequences(tmp_path):
@@ -99,7 +103,8 @@ def test_tokenized_data_as_lists_of_python_ints(tmp_path):
 
 def test_sample_dataset_dict_rows_are_sequences(tmp_path):
     rows = np.random.default_rng(0).integers(0, VOCAB_SIZE, (3, 50))
-    f = save({"input_ids": torch.tensor(rows), "attention_mask": torch.ones(3, 50)}, tmp_path / "sample_dataset.pt")
+    f = save({"input_ids": torch.tensor(rows), "attention_mask": torch.ones(3, 50)},
+             tmp_path / "sample_dataset.pt")
     seqs, source = load_sequences(f)
     assert_same_chunks(seqs, list(rows))
     assert "sample_dataset format" in source
@@ -154,34 +159,52 @@ def truncated(path):
 
 MALFORMED = {
     "text file": (write_bytes(b"hello, this is not a tensor file"),
-                  r"not a zip archive or pickle \(starts with b'hello, t'\); expected a file written by torch.save"),
-    "empty file": (write_bytes(b""), r"empty file \(0 bytes\); expected a file written by torch.save"),
-    "truncated file": (truncated, r"damaged or truncated \(\w+Error: .*\); expected a complete copy of a file written by torch.save"),
+                  r"not a zip archive or pickle \(starts with b'hello, t'\);"
+                  r" expected a file written by torch.save"),
+    "empty file": (write_bytes(b""),
+                   r"empty file \(0 bytes\); expected a file written by torch.save"),
+    "truncated file": (truncated,
+                       r"damaged or truncated \(\w+Error: .*\);"
+                       r" expected a complete copy of a file written by torch.save"),
     "dict without input_ids": (saved({"ids": torch.zeros(2, 3, dtype=torch.long)}),
-                               r"found a dict with keys \['ids'\], without 'input_ids'; expected a dict with an 'input_ids' 2-D"),
-    "list item without input_ids": (saved([{"input_ids": torch.zeros(1, 4, dtype=torch.long)}, {"labels": 1}]),
-                                    r"item 1 is a dict with keys \['labels'\], without 'input_ids'"),
-    "strings in a list": (saved(["hello", "world"]), r"sequence 0 is a str \('hello'\); expected a 1-D integer tensor"),
-    "strings as ids": (saved([[1, 2, "x"]]), r"sequence 0 holds a str \('x'\) at position 2; expected integer token ids"),
+                               r"found a dict with keys \['ids'\], without 'input_ids';"
+                               r" expected a dict with an 'input_ids' 2-D"),
+    "list item without input_ids": (saved([{"input_ids": torch.zeros(1, 4, dtype=torch.long)},
+                                           {"labels": 1}]),
+                                    r"item 1 is a dict with keys \['labels'\],"
+                                    r" without 'input_ids'"),
+    "strings in a list": (saved(["hello", "world"]),
+                          r"sequence 0 is a str \('hello'\); expected a 1-D integer tensor"),
+    "strings as ids": (saved([[1, 2, "x"]]),
+                       r"sequence 0 holds a str \('x'\) at position 2; expected integer token ids"),
     "input_ids a string": (saved({"input_ids": "some text"}),
                            r"'input_ids' is a str \('some text'\); expected a 2-D integer tensor"),
-    "id beyond 64 bits": (saved([[1, 2**70]]), r"sequence 0 holds an id beyond 64 bits; expected token ids"),
-    "float tensor": (saved([torch.tensor([1.0, 2.0, 3.0])]), r"sequence 0 has dtype float32; expected integer token ids"),
-    "float input_ids": (saved({"input_ids": torch.rand(2, 5)}), r"'input_ids' has dtype torch.float32; expected integer token ids"),
+    "id beyond 64 bits": (saved([[1, 2**70]]),
+                          r"sequence 0 holds an id beyond 64 bits; expected token ids"),
+    "float tensor": (saved([torch.tensor([1.0, 2.0, 3.0])]),
+                     r"sequence 0 has dtype float32; expected integer token ids"),
+    "float input_ids": (saved({"input_ids": torch.rand(2, 5)}),
+                        r"'input_ids' has dtype torch.float32; expected integer token ids"),
     "3-D input_ids": (saved({"input_ids": torch.zeros(2, 3, 4, dtype=torch.long)}),
                       r"'input_ids' has shape \(2, 3, 4\); expected a 2-D integer tensor"),
     "3-D sequence": (saved([torch.zeros(2, 3, 4, dtype=torch.long)]),
                      r"sequence 0 has shape \(2, 3, 4\); expected a 1-D sequence of token ids"),
     "empty list": (saved([]), r"no sequences found; expected at least one sequence"),
-    "empty input_ids": (saved({"input_ids": torch.zeros(0, 8, dtype=torch.long)}), r"no sequences found"),
-    "only 1-token sequences": (saved([torch.tensor([5]), torch.tensor([6])]), r"every sequence is shorter than 2 tokens"),
+    "empty input_ids": (saved({"input_ids": torch.zeros(0, 8, dtype=torch.long)}),
+                        r"no sequences found"),
+    "only 1-token sequences": (saved([torch.tensor([5]), torch.tensor([6])]),
+                               r"every sequence is shorter than 2 tokens"),
     "id too large": (saved([torch.tensor([1, 2]), torch.tensor([3, 4, VOCAB_SIZE, 5])]),
-                     rf"sequence 1 has token id {VOCAB_SIZE} at position 2; expected ids in \[0, {VOCAB_SIZE}\)"),
+                     rf"sequence 1 has token id {VOCAB_SIZE} at position 2;"
+                     rf" expected ids in \[0, {VOCAB_SIZE}\)"),
     "negative id in a row": (saved({"input_ids": torch.tensor([[1, 2, 3], [4, -7, 6]])}),
-                             rf"sequence 1 has token id -7 at position 1; expected ids in \[0, {VOCAB_SIZE}\)"),
-    "id past int32": (saved([torch.tensor([1, 2**32 + 3])]), r"sequence 0 has token id 4294967299 at position 1"),
+                             rf"sequence 1 has token id -7 at position 1;"
+                             rf" expected ids in \[0, {VOCAB_SIZE}\)"),
+    "id past int32": (saved([torch.tensor([1, 2**32 + 3])]),
+                      r"sequence 0 has token id 4294967299 at position 1"),
     "a bare tensor": (saved(torch.zeros(4, 8, dtype=torch.long)),
-                      r"found a 2-D tensor of shape \(4, 8\) and dtype torch.int64; expected a list of 1-D integer tensors"),
+                      r"found a 2-D tensor of shape \(4, 8\) and dtype torch.int64;"
+                      r" expected a list of 1-D integer tensors"),
 }
 
 
@@ -201,10 +224,12 @@ def test_malformed_file_is_one_line_naming_file_found_and_expected(tmp_path, cas
 def test_missing_path_and_folder_without_data(tmp_path):
     with pytest.raises(DataError) as e:
         load_sequences(tmp_path / "nope.pt")
-    assert one_line(e) == f"{tmp_path / 'nope.pt'}: no such file; expected a file written by torch.save"
+    assert one_line(e) == (f"{tmp_path / 'nope.pt'}: no such file;"
+                           " expected a file written by torch.save")
     with pytest.raises(DataError) as e:
         load_sequences(tmp_path)
-    assert one_line(e).startswith(f"{tmp_path}: a folder with neither tokenized_data.pt nor sample_dataset.pt")
+    assert one_line(e).startswith(f"{tmp_path}: a folder with neither tokenized_data.pt"
+                                  " nor sample_dataset.pt")
 
 
 def test_format_specific_readers_reject_the_other_format(tmp_path):
@@ -241,7 +266,8 @@ def test_pt_that_would_run_code_is_refused_and_never_runs(tmp_path, fmt):
         assert msg.startswith(f"{f}: refused to load, its pickle would call ")
         assert "system" in msg and "could run code" in msg
     assert not marker.exists(), "the payload ran"
-    # The payload is real: an unsafe load runs it (the legacy loader then fails on the magic number).
+    # The payload is real: an unsafe load runs it (the legacy loader then fails on the magic
+    # number).
     with contextlib.suppress(RuntimeError):
         torch.load(f, weights_only=False)
     assert marker.exists()
@@ -265,9 +291,12 @@ def test_state_dict_keys_shapes_and_order_are_the_contract(tiny, tiny_params):
     sd = to_state_dict(tiny_params)
     model_sd = ref.MiniGPT.from_config(tiny).state_dict()
     assert list(sd) == list(model_sd)
-    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in model_sd.items()}
-    assert [(k, s) for k, _, s in torch_compat.contract(tiny)] == [(k, tuple(v.shape)) for k, v in sd.items()]
-    assert sd["layers.1.attn.qkv.weight"].shape == (96, 32) and sd["head.weight"].shape == (VOCAB_SIZE, 32)
+    assert ({k: tuple(v.shape) for k, v in sd.items()}
+            == {k: tuple(v.shape) for k, v in model_sd.items()})
+    assert ([(k, s) for k, _, s in torch_compat.contract(tiny)]
+            == [(k, tuple(v.shape)) for k, v in sd.items()])
+    assert (sd["layers.1.attn.qkv.weight"].shape == (96, 32)
+            and sd["head.weight"].shape == (VOCAB_SIZE, 32))
     assert sum(v.numel() for v in sd.values()) == num_params(tiny)
     assert all(v.dtype == torch.float32 for v in sd.values())
 
@@ -276,7 +305,8 @@ def test_linear_weights_are_transposed_kernels(tiny_params):
     sd = to_state_dict(tiny_params)
     kernel = np.asarray(tiny_params["layers_0"]["ffn"]["fc1"]["kernel"])  # (in, out)
     np.testing.assert_array_equal(sd["layers.0.ffn.fc1.weight"].numpy(), kernel.T)
-    np.testing.assert_array_equal(sd["head.weight"].numpy(), np.asarray(tiny_params["head"]["kernel"]).T)
+    np.testing.assert_array_equal(sd["head.weight"].numpy(),
+                                  np.asarray(tiny_params["head"]["kernel"]).T)
 
 
 def test_strict_import_lists_every_problem_at_once(tiny_params, tiny):
@@ -288,7 +318,8 @@ def test_strict_import_lists_every_problem_at_once(tiny_params, tiny):
     with pytest.raises(StateDictError) as e:
         from_state_dict(sd, tiny)
     msg = one_line(e)
-    for needle in ("missing keys: layers.1.ffn.fc2.bias, ln_f.bias", "unexpected keys: head.bias, layers.0.attn.mask",
+    for needle in ("missing keys: layers.1.ffn.fc2.bias, ln_f.bias",
+                   "unexpected keys: head.bias, layers.0.attn.mask",
                    "layers.0.attn.qkv.weight has shape (32, 96) (expected (96, 32))"):
         assert needle in msg, msg
 
@@ -308,8 +339,8 @@ def test_config_is_inferred_from_shapes_and_n_heads_given():
     c = Config(embed_dim=48, n_heads=3, n_layers=3, ffn_mult=2, seq_len=40)
     sd = to_state_dict(fake_params(c))
     _, inferred = from_state_dict(sd, n_heads=3)
-    assert (inferred.vocab_size, inferred.embed_dim, inferred.n_layers, inferred.ffn_mult, inferred.seq_len,
-            inferred.n_heads) == (VOCAB_SIZE, 48, 3, 2, 40, 3)
+    assert (inferred.vocab_size, inferred.embed_dim, inferred.n_layers, inferred.ffn_mult,
+            inferred.seq_len, inferred.n_heads) == (VOCAB_SIZE, 48, 3, 2, 40, 3)
     with pytest.raises(StateDictError, match="embed_dim=48: must be divisible by n_heads=5"):
         from_state_dict(sd, n_heads=5)
     assert from_state_dict(to_state_dict(fake_params(Config())))[1].n_heads == 4
@@ -324,7 +355,8 @@ def test_non_tensor_and_integer_values_are_reported(tiny_params, tiny):
     sd = dict(to_state_dict(tiny_params))
     sd["ln_f.weight"] = [1.0] * 32
     sd["ln_f.bias"] = torch.zeros(32, dtype=torch.long)
-    with pytest.raises(StateDictError, match=r"ln_f.weight is a list .*ln_f.bias has dtype torch.int64"):
+    with pytest.raises(StateDictError,
+                       match=r"ln_f.weight is a list .*ln_f.bias has dtype torch.int64"):
         from_state_dict(sd, tiny)
 
 
@@ -347,7 +379,8 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path, tiny_params, tiny)
     path.parent.mkdir()
     path.write_bytes(b"old")
     torch_compat.save_state_dict(tiny_params, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["mini_gpt_tiny.pt"]  # no temporary left
+    # no temporary left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mini_gpt_tiny.pt"]
     model = ref.MiniGPT.from_config(tiny)
     model.load_state_dict(torch.load(path, weights_only=True), strict=True)
     params, config = torch_compat.load_params(path, n_heads=2)
@@ -375,7 +408,8 @@ def test_reference_is_causal_with_the_mask_and_not_without(tiny):
     tokens = torch.randint(0, 50000, (1, 32))
     changed = tokens.clone()
     changed[0, 20] = 123
-    base, out = ref.causal_logits(model, tokens).detach(), ref.causal_logits(model, changed).detach()
+    base, out = (ref.causal_logits(model, tokens).detach(),
+                 ref.causal_logits(model, changed).detach())
     assert torch.equal(out[0, :20], base[0, :20]) and not torch.allclose(out[0, 20:], base[0, 20:])
     # their forward without a mask (as their training loop called it) sees the future
     assert not torch.allclose(model(changed)[0, :20], model(tokens)[0, :20])
@@ -394,12 +428,15 @@ def test_reference_pad_key_is_an_ordinary_key_by_gradients(tiny):
 
 
 def test_reference_has_their_constructor_and_module_tree():
-    model = ref.MiniGPT(VOCAB_SIZE, 64)  # their defaults: embed_dim 128, 4 heads, 2 layers, ffn_mult 4
+    # their defaults: embed_dim 128, 4 heads, 2 layers, ffn_mult 4
+    model = ref.MiniGPT(VOCAB_SIZE, 64)
     assert sum(p.numel() for p in model.parameters()) == 13_270_784
     assert isinstance(model.pos, ref.PositionalEmbedding) and model.pos.embed.num_embeddings == 64
     block = model.layers[1]
-    assert isinstance(block, ref.TransformerBlock) and isinstance(block.attn, ref.MultiHeadAttention)
-    assert isinstance(block.ffn, ref.FFN) and block.attn.n_heads == 4 and block.attn.dropout.p == 0.1
+    assert (isinstance(block, ref.TransformerBlock)
+            and isinstance(block.attn, ref.MultiHeadAttention))
+    assert (isinstance(block.ffn, ref.FFN) and block.attn.n_heads == 4
+            and block.attn.dropout.p == 0.1)
 
 
 def test_reference_dropout_only_in_training(tiny):
@@ -421,7 +458,8 @@ def test_reference_loss_is_zero_without_labels_and_matches_cross_entropy(tiny):
     logits = ref.causal_logits(model, tokens)
     loss, n = ref.masked_lm_loss(logits, tokens)
     expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, VOCAB_SIZE), tokens[:, 1:].reshape(-1), ignore_index=PAD_TOKEN_ID)
+        logits[:, :-1].reshape(-1, VOCAB_SIZE), tokens[:, 1:].reshape(-1),
+        ignore_index=PAD_TOKEN_ID)
     assert n.item() == 31 + 15 and torch.allclose(loss, expected)
 
 
@@ -433,4 +471,5 @@ def test_reference_init_is_pytorch_default_and_optimizer_is_adamw_defaults(tiny)
     opt = ref.make_optimizer(model, tiny)
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW)
-    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.999), 1e-8, 0.01)
+    assert ((group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            == (5e-4, (0.9, 0.999), 1e-8, 0.01))

@@ -68,7 +68,8 @@ def test_matmul_precision_is_a_config_choice_in_the_compiled_step(tiny):
 
     def lowered(c):
         state = train.create_state(c)
-        return jax.jit(lambda s, b: train._step(s, b, jax.random.key(0))[1]["loss"]).lower(state, batch).as_text()
+        return (jax.jit(lambda s, b: train._step(s, b, jax.random.key(0))[1]["loss"])
+                .lower(state, batch).as_text())
 
     assert "HIGHEST" in lowered(tiny.replace(matmul_precision="float32"))
     assert "HIGHEST" not in lowered(tiny)
@@ -86,7 +87,8 @@ def test_golden_baseline_step(float32_matmuls):
 
     EXPECTED = {"loss": 10.997293472290039, "grad_norm": 0.32496315240859985, "tokens": 1504}
     c = Config()
-    batch = np.random.default_rng(0).integers(0, c.vocab_size, (c.batch_size, c.seq_len), dtype=np.int32)
+    batch = np.random.default_rng(0).integers(0, c.vocab_size, (c.batch_size, c.seq_len),
+                                              dtype=np.int32)
     batch[:, 48:] = PAD_TOKEN_ID
     _, m = train_step(create_state(c), batch, jax.random.PRNGKey(c.seed + 1))
     got = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"])}

@@ -42,8 +42,10 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def load_pt(path: str | os.PathLike, error: type[Exception], what: str = "a file written by torch.save"):
-    """torch.load(path, weights_only=True) on CPU; any failure -> error("<path>: ...; expected <what>")."""
+def load_pt(path: str | os.PathLike, error: type[Exception],
+            what: str = "a file written by torch.save"):
+    """torch.load(path, weights_only=True) on CPU; any failure ->
+    error("<path>: ...; expected <what>")."""
     torch = require_torch(f"reading {path}")
     path = pathlib.Path(path)
     if not path.is_file():
@@ -59,15 +61,18 @@ def load_pt(path: str | os.PathLike, error: type[Exception], what: str = "a file
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
-            raise error(f"{path}: damaged or truncated ({_first_line(e)}); expected a complete copy of {what}") from None
+            raise error(f"{path}: damaged or truncated ({_first_line(e)});"
+                        f" expected a complete copy of {what}") from None
         called = re.search(r"GLOBAL (\S+)", str(e))
-        found = f"its pickle would call {called.group(1)}" if called else "its pickle holds more than data"
+        found = (f"its pickle would call {called.group(1)}" if called
+                 else "its pickle holds more than data")
         raise error(
             f"{path}: refused to load, {found} and so could run code; expected only tensors, lists,"
             " dicts and numbers (it is read with torch.load(weights_only=True))"
         ) from None
     except Exception as e:  # torch raises RuntimeError, OSError, EOFError, ... for damaged files
-        raise error(f"{path}: damaged or truncated ({_first_line(e)}); expected a complete copy of {what}") from None
+        raise error(f"{path}: damaged or truncated ({_first_line(e)});"
+                    f" expected a complete copy of {what}") from None
 
 
 def tensor_to_numpy(x, float32: bool = False):

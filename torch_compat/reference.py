@@ -130,8 +130,10 @@ def causal_logits(model: MiniGPT, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids, mask=causal_mask(input_ids.shape[1], input_ids.device))
 
 
-def masked_lm_loss(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross entropy averaged over non-PAD labels -> (loss, n_labels); no label gives 0."""
+def masked_lm_loss(logits_BLV: torch.Tensor,
+                   tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross entropy averaged over non-PAD labels -> (loss, n_labels);
+    no label gives 0."""
     logits = logits_BLV[:, :-1].float()
     labels = tokens_BL[:, 1:]
     weights = (labels != PAD_TOKEN_ID).float()
@@ -141,13 +143,15 @@ def masked_lm_loss(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> tuple[t
 
 
 def make_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
-    """AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8), the config's lr and weight decay."""
+    """AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8), the config's lr and
+    weight decay."""
     return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=getattr(config, "weight_decay", 0.01))
 
 
 def train_step(model: MiniGPT, optimizer: torch.optim.Optimizer, tokens_BL: torch.Tensor) -> dict:
-    """One AdamW step on a (B, L) batch under the causal mask -> {'loss', 'perplexity', 'tokens'}."""
+    """One AdamW step on a (B, L) batch under the causal mask ->
+    {'loss', 'perplexity', 'tokens'}."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss, n_labels = masked_lm_loss(causal_logits(model, tokens_BL), tokens_BL)

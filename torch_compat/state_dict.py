@@ -88,13 +88,15 @@ def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
         S = flat[("pos", "embed", "embedding")].shape[0]
         F = flat[("layers_0", "ffn", "fc1", "kernel")].shape[1]
     except KeyError as e:
-        raise StateDictError(f"params have no {'/'.join(e.args[0])}; expected a MiniGPT params tree") from None
+        raise StateDictError(f"params have no {'/'.join(e.args[0])};"
+                             " expected a MiniGPT params tree") from None
     n_layers = len({p[0] for p in flat if re.fullmatch(r"layers_\d+", p[0])})
     return _make_config(V, D, n_heads, n_layers, F // D, S, "params")
 
 
 def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
-    # the segmentation rule (docs/spec.md) needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
+    # the segmentation rule (docs/spec.md) needs seq_len >= SEQ_MIN; a shorter table still loads,
+    # under "chunks"
     segmentation = "pytorch" if seq_len >= SEQ_MIN else "chunks"
     try:
         return Config(vocab_size=V, embed_dim=D, n_heads=n_heads, n_layers=n_layers,
@@ -106,12 +108,15 @@ def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
 def check_exportable(config: Config) -> None:
     """StateDictError unless the users' model.py computes config's model (its GELU is exact)."""
     if config.activation != "gelu":
-        raise StateDictError(f"activation={config.activation}: the PyTorch project's model.py has the"
-                             " exact (erf) GELU only; expected activation=gelu for a .pt export")
+        raise StateDictError(f"activation={config.activation}: the PyTorch project's model.py"
+                             " has the exact (erf) GELU only; expected activation=gelu for a .pt"
+                             " export")
 
 
-def to_state_dict(params: Mapping, config: Config | None = None) -> "collections.OrderedDict[str, Any]":
-    """Flax params -> OrderedDict of float32 torch tensors with exactly the contract's keys and shapes.
+def to_state_dict(params: Mapping,
+                  config: Config | None = None) -> "collections.OrderedDict[str, Any]":
+    """Flax params -> OrderedDict of float32 torch tensors with exactly the contract's keys and
+    shapes.
     config: the params' config where known, so that a model their model.py cannot compute is refused
     (params do not record the activation)."""
     torch = require_torch("exporting a PyTorch state dict")
@@ -124,13 +129,15 @@ def to_state_dict(params: Mapping, config: Config | None = None) -> "collections
     unexpected = sorted("/".join(p) for p in set(flat) - expected)
     if missing or unexpected:
         raise StateDictError(
-            f"params tree does not match MiniGPT: missing {missing or 'none'}; unexpected {unexpected or 'none'}"
+            f"params tree does not match MiniGPT: missing {missing or 'none'};"
+            f" unexpected {unexpected or 'none'}"
         )
     bad = []
     for _, path, shape in rows:
         flax_shape = shape[::-1] if _is_kernel(path) else shape
         if tuple(flat[path].shape) != flax_shape:
-            bad.append(f"{'/'.join(path)} has shape {tuple(flat[path].shape)} (expected {flax_shape})")
+            bad.append(f"{'/'.join(path)} has shape {tuple(flat[path].shape)}"
+                       f" (expected {flax_shape})")
     if bad:
         raise StateDictError(f"params tree has inconsistent shapes: {'; '.join(bad)}")
     out = collections.OrderedDict()
@@ -149,7 +156,8 @@ def _strip(key):
 def unwrap(state_dict: Mapping) -> dict:
     """Strip {"model": ...} / {"state_dict": ...} wrappers and `module.` / `_orig_mod.` prefixes."""
     if not isinstance(state_dict, Mapping):
-        raise StateDictError(f"found a {type(state_dict).__name__}; expected a state dict (a dict of tensors)")
+        raise StateDictError(f"found a {type(state_dict).__name__};"
+                             " expected a state dict (a dict of tensors)")
     for key in WRAPPER_KEYS:
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
@@ -169,17 +177,21 @@ def config_from_state_dict(state_dict: Mapping, n_heads: int = 4) -> Config:
         )
     shapes = {k: tuple(getattr(sd[k], "shape", ())) for k in needed}
     if any(len(s) != 2 for s in shapes.values()):
-        raise StateDictError(f"cannot infer the model's shape: found shapes {shapes}; expected 2-D weights")
+        raise StateDictError(f"cannot infer the model's shape: found shapes {shapes};"
+                             " expected 2-D weights")
     V, D = shapes["embed.weight"]
     S = shapes["pos.embed.weight"][0]
     F = shapes["layers.0.ffn.fc1.weight"][0]
     if F % D:
-        raise StateDictError(f"layers.0.ffn.fc1.weight has shape {(F, D)}; expected ({D}*ffn_mult, {D})")
-    layers = {int(m.group(1)) for k in sd if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
+        raise StateDictError(f"layers.0.ffn.fc1.weight has shape {(F, D)};"
+                             f" expected ({D}*ffn_mult, {D})")
+    layers = {int(m.group(1)) for k in sd
+              if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
     return _make_config(V, D, n_heads, max(layers) + 1, F // D, S, "state dict shapes")
 
 
-def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: int = 4) -> tuple[dict, Config]:
+def from_state_dict(state_dict: Mapping, config: Config | None = None,
+                    n_heads: int = 4) -> tuple[dict, Config]:
     """A PyTorch state dict -> (Flax params, Config), strict like load_state_dict(strict=True).
 
     With config=None the shapes give the config (n_heads from the argument);
@@ -209,7 +221,8 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
                     f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
                     f"wrong: {'; '.join(wrong)}" if wrong else ""]
         raise StateDictError(
-            f"state dict does not match MiniGPT(vocab_size={config.vocab_size}, embed_dim={config.embed_dim},"
+            f"state dict does not match MiniGPT(vocab_size={config.vocab_size},"
+            f" embed_dim={config.embed_dim},"
             f" n_layers={config.n_layers}, ffn_mult={config.ffn_mult}, seq_len={config.seq_len}): "
             + "; ".join(p for p in problems if p)
         )
@@ -220,8 +233,10 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
     return unflatten_dict(flat), config
 
 
-def save_state_dict(params: Mapping, path: str | os.PathLike, config: Config | None = None) -> pathlib.Path:
-    """Write to_state_dict(params, config) with torch.save, atomically (temporary name, then rename)."""
+def save_state_dict(params: Mapping, path: str | os.PathLike,
+                    config: Config | None = None) -> pathlib.Path:
+    """Write to_state_dict(params, config) with torch.save, atomically (temporary name, then
+    rename)."""
     torch = require_torch("saving a PyTorch state dict")
     path = pathlib.Path(path)
     sd = to_state_dict(params, config)  # refused before anything is written
@@ -231,11 +246,13 @@ def save_state_dict(params: Mapping, path: str | os.PathLike, config: Config | N
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
-    """A .pt state dict read with torch.load(weights_only=True); unreadable files -> StateDictError."""
+    """A .pt state dict read with torch.load(weights_only=True); unreadable files ->
+    StateDictError."""
     return load_pt(path, StateDictError, "a state dict written by torch.save")
 
 
-def load_params(path: str | os.PathLike, config: Config | None = None, n_heads: int = 4) -> tuple[dict, Config]:
+def load_params(path: str | os.PathLike, config: Config | None = None,
+                n_heads: int = 4) -> tuple[dict, Config]:
     """from_state_dict(load_state_dict_file(path)); errors name the file."""
     try:
         return from_state_dict(load_state_dict_file(path), config, n_heads)
