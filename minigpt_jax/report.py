@@ -284,7 +284,7 @@ def ranking(results, rows: Mapping[str, dict]) -> list[str]:
     over = (f" over {fe.tokens:,} held-out label tokens ({fe.segments:,} segments), standard"
             f" error {_f(fe.stderr, '.4f')}" if fe is not None else "")
     notes = [f"`{best.name}` reached the lowest validation loss, {b['val_loss']:.4f}"
-             f" (perplexity {b['val_perplexity']:,.2f}){over}."]
+             f" (perplexity {_f(b['val_perplexity'], ',.2f')}){over}."]  # a diverged run: "-"
     order, tied = [f"`{best.name}`"], []
     for prev, r in zip(ranked, ranked[1:]):
         diff = rows[r.name]["val_loss"] - rows[prev.name]["val_loss"]
