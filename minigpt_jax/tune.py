@@ -72,6 +72,13 @@ def _config_of(base: str, overrides: Mapping[str, Any]) -> cfg.Config:
     return cfg.experiment_config(base, dict(overrides))
 
 
+def _value(item: str, key: str, text: str):
+    try:
+        return cfg.parse_value(key, text)
+    except cfg.ConfigError as e:
+        raise TuneError(f"--space {item!r}: {e}") from None
+
+
 def parse_param(item: str, base: str, overrides: Mapping[str, Any]) -> Param:
     """'lr=log:1e-4:3e-3' -> Param; TuneError naming the entry and what was expected."""
     key, sep, spec = (s.strip() for s in item.partition("="))
@@ -90,7 +97,7 @@ def parse_param(item: str, base: str, overrides: Mapping[str, Any]) -> Param:
         texts = [t.strip() for t in spec.split(",")]
         if not all(texts):
             raise TuneError(f"--space {item!r}: an empty value; expected V1,V2,...")
-        choices = [cfg.parse_value(key, t) for t in texts]
+        choices = [_value(item, key, t) for t in texts]
         if len(set(choices)) < len(choices):
             raise TuneError(f"--space {item!r}: a value given twice; expected distinct values")
         param = Param(key, "categorical", choices=tuple(choices))
@@ -101,7 +108,7 @@ def parse_param(item: str, base: str, overrides: Mapping[str, Any]) -> Param:
         if len(parts) != 2 or kind == "str":
             what = "a numeric field" if kind == "str" else "LOW:HIGH or log:LOW:HIGH"
             raise TuneError(f"--space {item!r}: expected {what} (or V1,V2,... for choices)")
-        low, high = (cfg.parse_value(key, p.strip()) for p in parts)
+        low, high = (_value(item, key, p.strip()) for p in parts)
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise TuneError(f"--space {item!r}: low {low} must be below high {high}")
         if log and low <= 0:
@@ -221,8 +228,9 @@ def open_storage(url: str | None, out: pathlib.Path, heartbeat: int = 60):
             return optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-    except ImportError as e:
-        raise TuneError(f"--storage {url}: its driver is not installed ({e})") from None
+    except ImportError as e:  # Optuna's message hides the module: its cause names it
+        raise TuneError(f"--storage {url}: its driver is not installed"
+                        f" ({e.__cause__ or e})") from None
     except Exception as e:  # sqlalchemy's OperationalError and the drivers' own: unreachable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TuneError(f"--storage {url}: cannot open it ({first})") from None
