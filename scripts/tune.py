@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             return fail(str(e))
     if args.worker:
         return 130 if stop.is_set() else 0
-    from minigpt_jax import tune_report
+    from minigpt_jax.tune import outputs as tune_report
 
     data = (["--data", args.data] if args.data is not None else []) + (
         ["--text-docs", args.text_docs] if args.text_docs != "file" else [])
