@@ -11,6 +11,7 @@ section, and the best trial as a ready run.py command.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import shlex
 import warnings
@@ -107,6 +108,10 @@ def write_plots(out: pathlib.Path, study, names: Sequence[str]) -> tuple[list[st
         plots["contour"] = lambda: ovm.plot_contour(study, params=list(names)[:2])
         plots["importances"] = lambda: ovm.plot_param_importances(
             study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    values = [v for t in study.get_trials(deepcopy=False) for v in
+              [*t.intermediate_values.values(), *([t.value] if t.value is not None else [])]]
+    values = [v for v in values if math.isfinite(v)]
+    spread = bool(values) and min(values) > 0 and max(values) > 20 * min(values)
     written, skipped = [], []
     for name, draw in plots.items():
         if not finished:
@@ -119,10 +124,12 @@ def write_plots(out: pathlib.Path, study, names: Sequence[str]) -> tuple[list[st
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few trials for it
             skipped.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        first = ax.flat[0] if hasattr(ax, "flat") else ax
+        if name in ("history", "intermediate") and spread:
+            first.set_yscale("log")  # a diverged trial would flatten every other one
+        fig = first.figure
         fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.8)
-        fig.tight_layout()
-        fig.savefig(out / f"tune_{name}.png", dpi=100)
+        fig.savefig(out / f"tune_{name}.png", dpi=100, bbox_inches="tight")  # legends outside
         plt.close(fig)
         written.append(f"tune_{name}.png")
     return written, skipped
