@@ -298,3 +298,33 @@ def test_two_workers_share_a_postgresql_study(tmp_path, text_data, postgres):
     out = tmp_path / "study"
     tune_cmd(*args_for(out, text_data, "--trials", 3, "--devices", "0,1", "--storage", postgres))
     check_shared(load_study(postgres), out, 3)
+
+
+def test_a_combination_that_fails_together_fails_its_trial_and_the_study_goes_on(tmp_path):
+    """embed_dim=20 and n_heads=8 pass one by one, not together: that trial FAILs with the
+    reason (before any training), and counts toward the study's total."""
+    space = tune.parse_space(["embed_dim=16,20", "n_heads=4,8"], "baseline", {})
+    study = optuna.create_study()
+    study.enqueue_trial({"embed_dim": 20, "n_heads": 8})
+    job = tune.Job("baseline", {}, space, tmp_path)
+    assert tune.work(study, job, 1, tune.worker.threading.Event(), log=lambda s: None) == 1
+    (trial,) = study.get_trials()
+    assert trial.state == FAIL and "embed_dim=20: must be divisible by n_heads=8" in \
+        trial.user_attrs["failed"]
+    assert tune.counts(trial) and not (tmp_path / tune.TRIALS).exists()
+
+
+def test_a_journal_trial_without_heartbeats_is_failed_and_queued_again(tmp_path):
+    storage = tune.open_storage(f"journal:{tmp_path}/j.log", tmp_path, heartbeat=1)
+    study = optuna.create_study(storage=storage)
+    with tune.study.quiet():
+        trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    storage.record_heartbeat(trial._trial_id)
+    assert storage._get_stale_trial_ids(study._study_id) == []  # alive
+    storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time() - 10)  # gone quiet
+    with tune.study.quiet():
+        optuna.storages.fail_stale_trials(study)
+    first, retry = study.get_trials()
+    assert first.state == FAIL and retry.state == WAITING
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
