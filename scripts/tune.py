@@ -66,11 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         " (default: %(default)s)")
     add("--storage", metavar="URL", help="any Optuna RDB URL (sqlite:///f.db, postgresql://...),"
         " or journal:PATH for a journal file on a shared file system (default: sqlite in --out)")
-    add("--heartbeat", default="60", metavar="S", help="RDB storages: seconds between a running"
-        " trial's heartbeats; one silent for twice that is failed and queued again"
+    add("--heartbeat", default="60", metavar="S", help="seconds between a running trial's"
+        " heartbeats; one silent for twice that (its worker died) is failed and queued again"
         " (default: %(default)s)")
     add("--devices", metavar="I,J,...", help="one worker process per listed device, each seeing"
-        " only its own (default: one worker on the first device)")
+        " only its own; a device listed twice gets two (default: one worker on the first device)")
     add("--data", metavar="PATH", help="as run.py's --data (default: the embedded corpus)")
     add("--no-cache", action="store_true", help="read a .pt source without the token cache")
     add("--text-docs", default="file", metavar="file|block", help="as run.py's --text-docs")
