@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--sampler-seed", default="0", metavar="S", help="the sampler's seed; worker i of"
         " --devices adds i (default: %(default)s)")
     add("--pruner", default="median", choices=tune.PRUNERS, help="median (default): stop a trial"
-        " whose evaluation is worse than the median of earlier trials at that step; hyperband;"
-        " none")
+        " whose best evaluation so far is worse than the median of earlier trials' at that step;"
+        " hyperband; none")
     add("--prune-after", default="5", metavar="N", help="median pruner: finished trials before"
         " any is pruned (default: %(default)s)")
     add("--enqueue", action="append", default=[], metavar="K=V,K=V", help="a point to try"

@@ -328,3 +328,19 @@ def test_a_journal_trial_without_heartbeats_is_failed_and_queued_again(tmp_path)
     first, retry = study.get_trials()
     assert first.state == FAIL and retry.state == WAITING
     assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
+
+
+def test_the_prune_writer_reports_evaluations_and_stops_a_worse_trial():
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    first = study.ask()
+    first.report(1.0, 2)
+    study.tell(first, 1.0)
+    good, bad = (tune.PruneWriter(study.ask(), tune.worker.threading.Event()) for _ in "ab")
+    good.write_scalars(2, {"val/loss": 0.5})  # better than the median: goes on
+    bad.write_scalars(1, {"loss": 9.0})  # a training row: not an evaluation
+    assert not bad.trial.storage.get_trial(bad.trial._trial_id).intermediate_values
+    bad.write_scalars(2, {"val/loss": float("nan")})  # diverged: reported as inf, pruned
+    assert not good.stop.is_set() and good.pruned_at is None
+    assert bad.stop.is_set() and bad.pruned_at == 2
+    assert bad.trial.storage.get_trial(bad.trial._trial_id).intermediate_values == {
+        2: float("inf")}

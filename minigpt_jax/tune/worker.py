@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from minigpt_jax import config as cfg
+from minigpt_jax import metrics
 from minigpt_jax.tune.study import counts, quiet, surplus
 
 TRIALS = "trials"  # <out>/trials/<number>/: one run folder per trial
 
 
-class PruneWriter:
+class PruneWriter(metrics.Writer):
     """A metric writer that reports each periodic `val/loss` to the trial and, when the pruner
     says so, sets `stop`: the run saves and stops at its next block boundary."""
 
@@ -33,12 +34,6 @@ class PruneWriter:
         if self.trial.should_prune():
             self.pruned_at = step
             self.stop.set()
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _Either(threading.Event):
