@@ -344,3 +344,39 @@ def test_the_prune_writer_reports_evaluations_and_stops_a_worse_trial():
     assert bad.stop.is_set() and bad.pruned_at == 2
     assert bad.trial.storage.get_trial(bad.trial._trial_id).intermediate_values == {
         2: float("inf")}
+
+
+def test_outputs_of_a_study_without_training(tmp_path):
+    """The table, the plots (a contour and importances with two parameters), the report section
+    and the best command, from a study of made-up trials."""
+    from minigpt_jax.tune import outputs
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("setup", {"base": "baseline", "overrides": {"n_layers": 1},
+                                  "max_steps": 6, "space": {"lr": "log:0.0001:0.01",
+                                                            "dropout": "0.0:0.2"}})
+    for i in range(12):
+        t = study.ask()
+        lr = t.suggest_float("lr", 1e-4, 1e-2, log=True)
+        dropout = t.suggest_float("dropout", 0, 0.2)
+        t.report(5.0 + dropout, 2)
+        if i == 3:
+            t.set_user_attr("pruned_at", 2)
+            study.tell(t, state=PRUNED)
+        else:
+            study.tell(t, 5.0 + dropout - lr)
+    paths = outputs.write_outputs(tmp_path, study, 12, ["--data", "d.txt"])
+    rows = read_rows(tmp_path / "tune_trials.csv")
+    assert len(rows) == 12 and rows[3]["state"] == "PRUNED" and rows[3]["pruned_at"] == "2"
+    best = study.best_trial
+    command = (tmp_path / "tune_best_command.txt").read_text().strip()
+    assert command == shlex.join(
+        ["python", "scripts/run.py", "--only", "baseline",
+         "--set", f"dropout={best.params['dropout']!r}",
+         "--set", f"lr={best.params['lr']!r}",
+         "--set", "n_layers=1", "--max-steps", "6", "--data", "d.txt", "--out", str(tmp_path / "best")])
+    for name in ("history", "intermediate", "slice", "contour", "importances"):
+        assert tmp_path / f"tune_{name}.png" in paths
+    report = (tmp_path / "report.md").read_text()
+    assert f"Best: trial {best.number}, final validation loss {best.value:.4f}" in report
+    assert "12 trials asked, 11 complete, 1 pruned" in report

@@ -160,7 +160,8 @@ def section(study, rows: Sequence[Mapping], n_trials: int, command: str | None,
                   f"    {command}", ""]
     lines += [f"![{p}]({p})" for p in plots] + [""] if plots else []
     lines += [f"Not drawn: {s}." for s in skipped] + ([""] if skipped else [])
-    lines += ["Trials (tune_trials.txt, tune_trials.csv; each trial's run folder trials/<number>/):",
+    lines += ["Trials (tune_trials.txt, tune_trials.csv; each trial's run folder"
+              " trials/<number>/):",
               "", "```", trials_txt(rows).rstrip(), "```"]
     return "\n".join(lines)
 
