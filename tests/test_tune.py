@@ -374,7 +374,8 @@ def test_outputs_of_a_study_without_training(tmp_path):
         ["python", "scripts/run.py", "--only", "baseline",
          "--set", f"dropout={best.params['dropout']!r}",
          "--set", f"lr={best.params['lr']!r}",
-         "--set", "n_layers=1", "--max-steps", "6", "--data", "d.txt", "--out", str(tmp_path / "best")])
+         "--set", "n_layers=1", "--max-steps", "6", "--data", "d.txt",
+         "--out", str(tmp_path / "best")])
     for name in ("history", "intermediate", "slice", "contour", "importances"):
         assert tmp_path / f"tune_{name}.png" in paths
     report = (tmp_path / "report.md").read_text()
