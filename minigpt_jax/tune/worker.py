@@ -144,7 +144,7 @@ def work(study, job: Job, n_trials: int, stop: threading.Event,
         if surplus(study.get_trials(deepcopy=False), trial.number, n_trials):
             study._storage.set_trial_state_values(trial._trial_id,
                                                   optuna.trial.TrialState.WAITING)
-            break
+            continue  # unrun, for a later --trials; wait above for the trials still running
         t = time.perf_counter()
         with get_heartbeat_thread(trial._trial_id, study._storage):
             state = run_trial(study, trial, job, stop)
