@@ -232,26 +232,45 @@ def test_two_workers_share_one_study(tmp_path, text_data, kind):
     check_shared(load_study(storage), out, 4)
 
 
-@pytest.mark.slow
-def test_a_killed_worker_loses_no_trial(tmp_path, text_data):
-    out = tmp_path / "study"
-    args = args_for(out, text_data, "--trials", 2, "--heartbeat", 1, steps=40)
+def mid_trial(args, number):
+    """A worker started on args, once trial `number` has reported two evaluations to the study
+    (the metrics files are flushed only at checkpoints: the storage is the live view)."""
     p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "tune.py"), *args], cwd=REPO,
                          env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    val = out / "trials" / "0" / "metrics_baseline_val.csv"
+    db = pathlib.Path(args[args.index("--out") + 1]) / "study.db"
     deadline = time.monotonic() + 300
-    while not (val.exists() and len(val.read_text().splitlines()) > 2):  # mid-trial
-        assert p.poll() is None and time.monotonic() < deadline, "trial 0 never got going"
+    while True:
+        assert p.poll() is None and time.monotonic() < deadline, f"trial {number} never went"
         time.sleep(0.2)
+        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError, OSError):
+            trials = load_study(f"sqlite:///{db}").get_trials() if db.exists() else []
+            if len(trials) > number and len(trials[number].intermediate_values) >= 2:
+                return p
+
+
+@pytest.mark.slow
+def test_a_stopped_and_a_killed_worker_lose_no_trial(tmp_path, text_data):
+    """Ctrl-C: the trial stops at its next block, FAIL and queued again; kill -9: its heartbeat
+    goes quiet and the next worker fails it and queues it again; the study still ends with 2."""
+    out = tmp_path / "study"
+    args = args_for(out, text_data, "--trials", 2, "--heartbeat", 1, steps=40)
+    p = mid_trial(args, 0)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=300) == 130
+    first, queued = load_study(f"sqlite:///{out}/study.db").get_trials()
+    assert first.state == FAIL and first.user_attrs["interrupted"].startswith("stopped at step")
+    assert queued.state == WAITING and queued.params == first.params
+    p = mid_trial(args, 1)  # the queued trial, run again
     p.send_signal(signal.SIGKILL)
     p.wait()
     tune_cmd(*args)  # the same command again
     study = load_study(f"sqlite:///{out}/study.db")
     trials = study.get_trials()
-    assert trials[0].state == FAIL and "failed" not in trials[0].user_attrs
-    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
-    assert len(retry) == 1 and retry[0].params == trials[0].params
-    assert len(finished(study)) == 2 and retry[0] in finished(study)
+    a = trials[1].user_attrs  # killed: nothing of how it ended, nor its original's marks
+    assert trials[1].state == FAIL and not (a.get("failed") or a["interrupted"] or a["steps"])
+    retry = [t for t in trials if t.system_attrs.get("retry_history") == [0, 1]]
+    assert len(retry) == 1 and retry[0].params == first.params
+    assert len(finished(study)) == 2 and retry[0].number in [t.number for t in finished(study)]
 
 
 def postgres_bin() -> pathlib.Path | None:

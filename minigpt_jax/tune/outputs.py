@@ -41,7 +41,7 @@ def trial_rows(trials: Sequence) -> list[dict]:
         wall = ((t.datetime_complete - t.datetime_start).total_seconds()
                 if t.datetime_complete and t.datetime_start else None)
         a = t.user_attrs
-        note = a.get("failed") or (f"{a['interrupted']}; queued again" if "interrupted" in a
+        note = a.get("failed") or (f"{a['interrupted']}; queued again" if a.get("interrupted")
                                    else "")
         if t.state.name == "PRUNED":
             note = "value: the last evaluation's loss"

@@ -154,7 +154,7 @@ def counts(trial) -> bool:
     from optuna.trial import TrialState
 
     if trial.state == TrialState.FAIL:
-        return "failed" in trial.user_attrs
+        return bool(trial.user_attrs.get("failed"))
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 

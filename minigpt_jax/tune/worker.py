@@ -17,6 +17,7 @@ from minigpt_jax import metrics
 from minigpt_jax.tune.study import counts, quiet, surplus
 
 TRIALS = "trials"  # <out>/trials/<number>/: one run folder per trial
+MARKS = ("failed", "interrupted", "steps", "pruned_at")  # how a trial ended (its user attrs)
 
 
 class PruneWriter(metrics.Writer):
@@ -67,6 +68,9 @@ def run_trial(study, trial, job: Job, user_stop: threading.Event) -> str:
 
     from minigpt_jax import runner
 
+    for key in MARKS:  # a retry carries its original's attrs (Optuna copies them): not its own
+        if trial.user_attrs.get(key) is not None:
+            trial.set_user_attr(key, None)
     params = {name: p.suggest(trial) for name, p in job.space.items()}
     folder = job.out / TRIALS / str(trial.number)
     trial.set_user_attr("folder", str(folder))
