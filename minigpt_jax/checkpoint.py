@@ -25,6 +25,7 @@ stays as it was.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import pathlib
@@ -45,7 +46,7 @@ PROGRESS_KEYS = ("step", "next_batch", "tokens", "seconds")
 def progress_record(step: int = 0, next_batch: int = 0, tokens: int = 0, seconds: float = 0.0,
                     data: str = "") -> dict:
     """The progress item: where the data stream and the counters stand at `step`, and which
-    data they stand in (`data`: sources.Sequences.fingerprint; "" when unknown)."""
+    data they stand in (`data`: data.Sequences.fingerprint; "" when unknown)."""
     return {"step": int(step), "next_batch": int(next_batch), "tokens": int(tokens),
             "seconds": float(seconds), "data": str(data)}
 
@@ -317,6 +318,35 @@ def locate(path: pathlib.Path) -> tuple[pathlib.Path, int]:
             f"{path}: no checkpoint found; expected outcome/checkpoints/<name> or one of its step folders"
         )
     return path, steps[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """One saved step as this module wrote it, read without a config's structure: what
+    scripts/inspect_checkpoint.py shows. One field per Orbax item, plus where it lies."""
+
+    path: pathlib.Path  # the step folder
+    steps: list[int]  # every step saved beside it
+    state: dict  # {"step", "params", "opt_state"} as NumPy arrays (optax's tuples as lists)
+    config: dict  # the Config as saved (JSON), not validated: an older one still shows
+    progress: dict  # progress_record()'s fields
+
+
+def read_saved(path: pathlib.Path) -> Saved:
+    """Every item of the latest step under an experiment folder (or of one step folder), as
+    saved; CheckpointError (one line) if there is none or it cannot be read."""
+    directory, step = locate(path)
+    mngr = manager(directory)
+    try:
+        got = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+            progress=ocp.args.JsonRestore()))
+    except Exception as e:
+        _drop_late_read_callbacks()
+        raise CheckpointError(f"{directory}/{step}: not a readable minigpt_jax checkpoint"
+                              f" ({brief(e)})") from None
+    return Saved(directory / str(step), list(mngr.all_steps()), got["state"], got["config"],
+                 got["progress"])
 
 
 def load_params(path: pathlib.Path) -> tuple[dict, Config, int]:

@@ -1,4 +1,4 @@
-"""Configuration: the spec's constants, one frozen Config, the five experiments.
+"""Configuration: the contract's constants (docs/spec.md, Constants), one frozen Config, the five experiments.
 
 - Field names are the PyTorch project's, so a user's `--set embed_dim=64` means
   what it meant there.
@@ -16,11 +16,11 @@ import re
 from typing import Any
 
 VOCAB_SIZE = 50257  # GPT-2 vocabulary
-PAD_TOKEN_ID = 50256  # pads short chunks; ignored by the loss, masked as attention key
+PAD_TOKEN_ID = 50256  # pads short chunks; never a label, an ordinary attention key
 SEQ_LEN = 64  # default chunk length
-SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (SPEC, Data)
+SEQ_MIN, SEQ_MAX = 32, 128  # the segmentation rule's bounds (docs/spec.md)
 SEQ_LEN_MAX = 4096  # a sanity bound on seq_len: the attention scores are (L, L) per head
-SEGMENTATIONS = ("pytorch", "chunks")  # SPEC's rule (their data.py), or every token in seq_len chunks
+SEGMENTATIONS = ("pytorch", "chunks")  # docs/spec.md's rule, or every token in seq_len chunks
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the PyTorch project's); tanh GELU (GPT-2's own)
 MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")  # jax.default_matmul_precision's names
@@ -50,7 +50,8 @@ class Config:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (PyTorch's default)
     batch_size: int = 32  # chunks per step
     max_epochs: int = 1  # passes over the training chunks
-    seed: int = 42  # parameter init, shuffling, dropout and the held-out split
+    seed: int = 42  # parameter init, shuffling and dropout (--seeds N trains seed .. seed+N-1)
+    data_seed: int = 42  # the held-out split and the evaluation samples: equal across seeds
     val_fraction: float = 0.05  # share of chunks held out for validation, in [0, 0.5]
     eval_every: int = 200  # steps between evaluations of the eval_batches sample
     eval_batches: int = 20  # held-out batches in the fixed, seeded sample evaluated every eval_every steps
@@ -58,7 +59,7 @@ class Config:
     ckpt_minutes: float = 10.0  # wall-clock minutes between checkpoints (always one at the end and on a stop)
     ckpt_every: int = 0  # also a checkpoint every this many steps; 0 = by the clock only
     num_workers: int = 0  # grain worker processes for batching; 0 reads in-process
-    segmentation: str = "pytorch"  # "pytorch": SPEC's rule (32..128 kept whole, longer cut); "chunks": every token
+    segmentation: str = "pytorch"  # "pytorch": docs/spec.md's rule; "chunks": every token
     # optimizer options (optim.py); the defaults are the PyTorch project's AdamW
     lr_schedule: str = "constant"  # "constant", or "cosine" from lr down to min_lr_ratio * lr
     warmup_steps: int = 0  # steps of linear warmup up to lr, before either schedule; 0 = none
@@ -86,7 +87,7 @@ class Config:
         if self.segmentation not in SEGMENTATIONS:
             raise ConfigError(
                 f"segmentation={self.segmentation!r}: must be one of {', '.join(SEGMENTATIONS)}")
-        # SPEC's rule keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
+        # the segmentation rule (docs/spec.md) keeps only segments of >= SEQ_MIN tokens, and a segment has at most seq_len
         low = SEQ_MIN if self.segmentation == "pytorch" else 2
         if not low <= self.seq_len <= SEQ_LEN_MAX:
             why = " (segmentation=pytorch keeps segments of at least 32 tokens)" if low == SEQ_MIN else ""
@@ -103,8 +104,9 @@ class Config:
             raise ConfigError(f"weight_decay={self.weight_decay}: must be >= 0")
         if not 0.0 <= self.val_fraction <= 0.5:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 0.5]")
-        if self.seed < 0 or self.seed >= 2**32:
-            raise ConfigError(f"seed={self.seed}: must be in [0, 2**32)")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 2**32)")
         if self.ckpt_every < 0:
             raise ConfigError(f"ckpt_every={self.ckpt_every}: must be >= 0 (0 = by the clock only)")
         if not self.ckpt_minutes > 0:  # also refuses NaN
@@ -159,6 +161,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if "seed" in d and "data_seed" not in d:  # saved before data_seed: seed split the data
+            d = {**d, "data_seed": d["seed"]}
         return cls().replace(**d)
 
 

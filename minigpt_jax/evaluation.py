@@ -11,6 +11,8 @@ standard error.
 - The eval step returns each row's summed loss and label count, so the figure comes
   with the standard error of a ratio estimate over held-out segments (the unit that is
   sampled: a segment's tokens are not independent of each other).
+- A stack's lanes (stack.py) are evaluated in one program (`evaluate_stack`): the vmapped
+  eval step over each lane's own batches, one dispatch per group for all lanes.
 - Batches go to the device `group` at a time, all-PAD batches filling the last group
   (they carry no label), so every group is one dispatch of one program; the whole
   held-out set is never on the device at once.
@@ -19,16 +21,15 @@ standard error.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from minigpt_jax import data
+from minigpt_jax import data, stats
 from minigpt_jax.config import PAD_TOKEN_ID
-from minigpt_jax.train import eval_steps
+from minigpt_jax.train import eval_steps, stacked_eval_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,25 +39,26 @@ class Evaluation:
     tokens: int  # label (non-PAD target) tokens evaluated
     segments: int  # held-out segments with at least one label
     stderr: float  # standard error of `loss` over segments; NaN with fewer than two
+    # (segments, 2): each evaluated segment's summed loss and label count, in sample order, for
+    # paired comparisons of two runs on the same segments
+    per_segment: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "per_segment"}
 
 
 def summarize(loss_sums: np.ndarray, counts: np.ndarray) -> Evaluation:
-    """Per-segment summed losses and label counts -> the evaluation (float64 on the host)."""
+    """Per-segment summed losses and label counts -> the evaluation (float64 on the host): the
+    ratio estimate and its standard error over segments (`stats.ratio_estimate`)."""
     s, n = np.asarray(loss_sums, np.float64).ravel(), np.asarray(counts, np.float64).ravel()
     keep = n > 0
     s, n = s[keep], n[keep]
     total = float(n.sum())
-    loss = float(s.sum()) / max(total, 1.0)
-    m = len(n)
-    # ratio estimator: sum s / sum n over m sampled segments
-    stderr = (math.sqrt(float(((s - loss * n) ** 2).sum()) / (m * (m - 1))) / (total / m)
-              if m > 1 else math.nan)
+    loss, stderr, m = stats.ratio_estimate(s, n)  # sum s / sum n over m sampled segments
     with np.errstate(over="ignore"):  # a diverged model's perplexity is inf, not a warning
         ppl = float(np.exp(loss))
-    return Evaluation(loss, ppl, int(total), m, stderr)
+    return Evaluation(loss, ppl, int(total), m, stderr, np.stack([s, n], axis=1))
 
 
 def final_batches(segments: np.ndarray, max_batches: int, batch_size: int, seed: int) -> list:
@@ -97,12 +99,32 @@ def evaluate(state, device_groups: Iterable, progress: tqdm | None = None) -> Ev
     return summarize(np.concatenate(sums, axis=None), np.concatenate(counts, axis=None))
 
 
-def evaluate_batches(state, batches: list[np.ndarray], place, group: int, desc: str | None = None,
-                     position: int = 0) -> Evaluation:
-    """Evaluate `state` over host batches, `group` per dispatch; a progress bar when `desc`."""
-    bar = tqdm(total=len(batches), desc=desc, unit="batch", position=position, leave=False,
-               dynamic_ncols=True, disable=desc is None)
-    try:
-        return evaluate(state, groups(batches, place, group), bar)
-    finally:
-        bar.close()
+def evaluate_batches(state, batches: list[np.ndarray], place, group: int,
+                     progress: tqdm | None = None) -> Evaluation:
+    """Evaluate `state` over host batches, `group` per dispatch; `progress` (a bar the caller
+    owns, placed where it likes) advances by batch."""
+    return evaluate(state, groups(batches, place, group), progress)
+
+
+def evaluate_stack(state_V, batches: list[list[np.ndarray]], place, group: int,
+                   progress: tqdm | None = None) -> list[Evaluation]:
+    """V stacked lanes, lane v over its own host batches `batches[v]`, in one vmapped program
+    per group of batches -> one Evaluation per lane (a lane with no batches: all PAD, empty)."""
+    V, n = len(batches), max(map(len, batches), default=0)
+    like = next(b[0] for b in batches if b) if n else None
+    sums, counts = [], []
+    for a in range(0, n, group):
+        g = np.full((V, group, *like.shape), PAD_TOKEN_ID, like.dtype)
+        for v, lane in enumerate(batches):
+            part = lane[a:a + group]
+            if part:
+                g[v, :len(part)] = np.stack(part)
+        m = jax.device_get(stacked_eval_steps(state_V, place.put(g)))
+        sums.append(m["loss_sum"].reshape(V, -1))
+        counts.append(m["tokens"].reshape(V, -1))
+        if progress is not None:
+            progress.update(min(group, progress.total - progress.n))
+    if not sums:
+        return [summarize(np.zeros(0), np.zeros(0)) for _ in batches]
+    sums, counts = np.concatenate(sums, axis=1), np.concatenate(counts, axis=1)
+    return [summarize(sums[v], counts[v]) for v in range(V)]

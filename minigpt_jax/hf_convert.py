@@ -1,4 +1,4 @@
-"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (SPEC, Hugging Face form).
+"""MiniGPT's params and Config <-> GPT-2's state dict and config.json (docs/spec.md, Hugging Face form).
 
 - MiniGPT is `transformers.GPT2LMHeadModel`; one table maps each GPT-2 key to
   its Flax path. GPT-2's Conv1D weights are (in, out), a Flax kernel as it is;
@@ -8,7 +8,8 @@
   than seq_len (the first seq_len rows), residual and embedding dropout (none
   here), keys without the `transformer.` prefix, old mask buffers.
 - What the other side cannot express is an HFError, one line naming every
-  field that differs. NumPy only: no torch, no transformers.
+  field that differs. NumPy (and flax's traverse_util for the trees) only: no
+  torch, no transformers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minigpt_jax.config import PAD_TOKEN_ID, SEQ_MIN, Config, ConfigError
 
@@ -101,20 +103,6 @@ def _transposed(key: str) -> bool:
     return key == "lm_head.weight"  # a torch Linear (out, in); every Conv1D is (in, out) already
 
 
-def _flat(params: Mapping) -> dict[tuple[str, ...], Any]:
-    out = {}
-
-    def walk(node, path):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, path + (str(k),))
-        else:
-            out[path] = node
-
-    walk(params["params"] if set(params) == {"params"} else params, ())
-    return out
-
-
 def _listed(items: list[str], limit: int = 4) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -124,7 +112,7 @@ def _listed(items: list[str], limit: int = 4) -> str:
 
 
 def gpt2_config(config: Config) -> dict[str, Any]:
-    """The config.json of config's model as GPT2LMHeadModel (SPEC, Hugging Face form)."""
+    """The config.json of config's model as GPT2LMHeadModel (docs/spec.md, Hugging Face form)."""
     if config.activation not in EXPORT_ACTIVATION:
         raise HFError(
             f"activation={config.activation!r}: GPT-2 has no such activation;"
@@ -222,7 +210,7 @@ def config_from_gpt2(
 
 def to_gpt2_state_dict(params: Mapping, config: Config) -> dict[str, np.ndarray]:
     """Flax params -> {GPT-2 key: float32 array}; HFError unless params are config's model."""
-    flat = _flat(params)
+    flat = flatten_dict(params["params"] if set(params) == {"params"} else params)
     rows = table(config)
     want = {path: (shape[::-1] if _transposed(key) else shape) for key, path, shape in rows}
     problems = [f"missing {'/'.join(p)}" for p in want if p not in flat]
@@ -294,7 +282,7 @@ def from_gpt2_state_dict(
             f"n_positions {n_positions} > seq_len {config.seq_len}: the first"
             f" {config.seq_len} rows of transformer.wpe"
         )
-    params: dict = {}
+    flat = {}
     for key, path, _ in rows:
         a = np.asarray(sd[key], dtype=np.float32)
         a = (
@@ -304,8 +292,5 @@ def from_gpt2_state_dict(
             if key == "transformer.wpe.weight"
             else a
         )
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = np.ascontiguousarray(a)
-    return params, notes
+        flat[path] = np.ascontiguousarray(a)
+    return unflatten_dict(flat), notes

@@ -91,7 +91,7 @@ def restrict_gpus(
     in ascending order, so JAX numbers them 0, 1, ...; `index` maps each listed
     index to its new number (indices left out have none: the caller skips them,
     as without a restriction). When none of them exists every GPU stays visible
-    (SPEC: then every available device is used). A CUDA_VISIBLE_DEVICES the
+    (docs/spec.md: then every available device is used). A CUDA_VISIBLE_DEVICES the
     user set is kept. XLA_PYTHON_CLIENT_PREALLOCATE becomes "false" unless set,
     so that JAX does not reserve most of each visible GPU's memory up front on
     GPUs that may be shared.

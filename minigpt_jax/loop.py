@@ -1,10 +1,10 @@
 """The one block driver: a single experiment, or a stack of V variants, trained so that nothing
 around the step grows with the run.
 
-- The driver trains V lanes, one experiment each, through a program: `Plain` (here) for
-  a single experiment, the un-vmapped step, so its numbers and the PyTorch parity are
-  the step's own; `stack.Stacked` for V variants of one shape in one vmapped program.
-  Everything else (data, blocks, metrics, evaluation, checkpoints, stop, failures,
+- The driver (`drive`) trains V lanes, one experiment each, through a program
+  (program.py declares what one does): `program.Plain` for a single experiment, the
+  un-vmapped step, so its numbers and the PyTorch parity are the step's own;
+  `stack.Stacked` for V variants of one shape in one vmapped program. Everything else (data, blocks, metrics, evaluation, checkpoints, stop, failures,
   progress) is this one code path for both.
 - Steps go in blocks. A block ends at the next multiple of BLOCK steps, of
   eval_every, of ckpt_every (when set), at a lane's last step, or at the end:
@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -49,8 +49,10 @@ from tqdm.auto import tqdm
 from minigpt_jax import checkpoint, data, evaluation, metrics
 from minigpt_jax.config import PAD_TOKEN_ID, Config
 from minigpt_jax.host import any_process, sync
+from minigpt_jax.options import RunOptions
 from minigpt_jax.placement import Placement
-from minigpt_jax.train import create_state, train_step, train_steps
+from minigpt_jax.program import Plain, Program
+from minigpt_jax.train import create_state
 
 BLOCK = 10  # steps per block: one fused dispatch on accelerators, one host read of metrics
 TRAIN_FIELDS = {"tokens": "train/tokens", "loss": "train/loss", "perplexity": "train/perplexity",
@@ -66,9 +68,10 @@ class Experiment:
     devices: tuple  # one device, or several for data parallelism
     overrides: str = ""  # human-readable overrides, for the results table
     params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
-    data_id: str = ""  # the data's fingerprint (sources.Sequences), recorded in checkpoints
+    data_id: str = ""  # the data's fingerprint (data.Sequences), recorded in checkpoints
+    experiment: str = ""  # the experiment this run is one seed of ("": the run is the experiment)
 
-    def __post_init__(self):
+    def __post_init__(self):  # the one check that the batch splits over the devices
         if isinstance(self.devices, jax.Device):
             self.devices = (self.devices,)
         self.devices = tuple(self.devices)
@@ -96,6 +99,7 @@ class Result:
     final_eval: evaluation.Evaluation | None = None  # the end-of-run held-out evaluation
     phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (compile, train, ...)
     stacked: int = 1  # variants trained in one program with this one
+    experiment: str = ""
 
     @property
     def steps(self) -> int:
@@ -135,45 +139,6 @@ def read_rows(out_dir: pathlib.Path, name: str) -> tuple[list[dict], list[dict]]
             metrics.read_csv(pathlib.Path(out_dir) / f"metrics_{name}_val.csv"))
 
 
-class Plain:
-    """A single experiment's program: the plain jitted step on one placement (V = 1)."""
-
-    def __init__(self, place: Placement, fuse: bool):
-        self.place, self.fuse = place, fuse
-
-    def start(self, states: list, configs: list[Config]):
-        """The program's state and dropout keys from the lanes' own."""
-        return states[0], self.place.put(jax.random.PRNGKey(configs[0].seed + 1))
-
-    def dispatch(self, state, rng, batches_KVBL: np.ndarray, n: int, active_KV: np.ndarray):
-        """n steps on lane 0's batches -> (state, device metrics); nothing here waits. (Its
-        one lane is active in each of the n steps, and steps past n are masked.)"""
-        if self.fuse:
-            put = self.place.put(batches_KVBL[:, 0], self.place.stacked_rows)
-            return train_steps(state, put, rng, np.int32(n))
-        out = []
-        for i in range(n):
-            state, m = train_step(state, self.place.put_batch(batches_KVBL[i, 0]), rng)
-            out.append(m)
-        return state, out
-
-    def host(self, dev, n: int) -> dict:
-        """The device metrics of n steps as host arrays of shape (n, V) (waits)."""
-        got = jax.device_get(dev)
-        if isinstance(got, list):
-            return {k: np.stack([g[k] for g in got])[:, None] for k in got[0]}
-        return {k: np.asarray(v)[:n, None] for k, v in got.items()}
-
-    def lane(self, state, v: int):
-        return state
-
-    def for_saving(self, state) -> list:
-        return [state]  # the Checkpointer copies it to the host itself
-
-    def put(self, host_state):
-        return self.place.put(host_state)
-
-
 @dataclasses.dataclass
 class _Lane:
     """One experiment's part of a driver run."""
@@ -203,7 +168,7 @@ class _Lane:
         self.exported = self.exported and exported
 
 
-def _open(experiments, preps, out_dir, max_steps, resume, place, lead) -> tuple[list, list, list]:
+def _open(experiments, preps, opts: RunOptions, place, lead) -> tuple[list, list, list]:
     """The lanes, each restored from its checkpoint or freshly initialised -> (lanes, states,
     progress records)."""
     lanes, states, progress = [], [], []
@@ -211,10 +176,11 @@ def _open(experiments, preps, out_dir, max_steps, resume, place, lead) -> tuple[
         for e, p in zip(experiments, preps):
             c = e.config
             ds = data.batch_dataset(p.train, c.batch_size, c.seed, c.max_epochs)
-            total = len(ds) if max_steps is None else min(max_steps, len(ds))
-            ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(out_dir, e.name), c, not resume, lead)
+            total = len(ds) if opts.max_steps is None else min(opts.max_steps, len(ds))
+            ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(opts.out, e.name), c,
+                                           not opts.resume, lead)
             sync(f"fresh {e.name}")
-            lane = _Lane(e, p, total, ckpt, ckpt.saved if resume else None)
+            lane = _Lane(e, p, total, ckpt, ckpt.saved if opts.resume else None)
             lanes.append(lane)
             if lane.latest is not None:
                 if lead:
@@ -250,7 +216,7 @@ def common_step(names: Sequence[str], steps: Sequence[int], totals: Sequence[int
 class _Run:
     """The driver's state between blocks: lanes, pending block, progress bar, clocks."""
 
-    def __init__(self, lanes, program, step, prior, position, lead, label):
+    def __init__(self, lanes, program: Program, step, prior, position, lead, label):
         self.lanes, self.program, self.lead = lanes, program, lead
         self.V = len(lanes)
         c = lanes[0].exp.config
@@ -322,12 +288,16 @@ class _Run:
         """At a block boundary whose metrics were read: evaluations, checkpoints, the end of
         lanes, a stop."""
         saving = None  # the lanes' states for saving, made once for all
-        for v, lane in enumerate(self.lanes):
-            if not (lane.live and step <= lane.total):
-                continue
+        due = [v for v, lane in enumerate(self.lanes) if lane.live and step <= lane.total]
+        finals = [v for v in due if ending[v] and len(self.lanes[v].prepared.val)]
+        if finals:
+            self.final_evaluations(state, finals, step)
+        for v in due:
+            lane = self.lanes[v]
             c = lane.exp.config
-            if len(lane.prepared.val) and (ending[v] or step % c.eval_every == 0):
-                self.validate(lane, self.program.lane(state, v), step, ending[v])
+            if len(lane.prepared.val) and not ending[v] and step % c.eval_every == 0:
+                e = evaluation.evaluate(self.program.lane(state, v), lane.sample)
+                self.write_eval(lane, step, e)
             if ckpt_due or ending[v]:
                 saving = self.program.for_saving(state) if saving is None else saving
                 lane.writer.flush()  # what a resume keeps of the metrics is on disk first
@@ -344,19 +314,27 @@ class _Run:
         if ckpt_due:
             self.last_ckpt = time.monotonic()
 
-    def validate(self, lane: _Lane, state, step: int, final: bool) -> None:
-        c = lane.exp.config
-        if final:
-            t = time.perf_counter()
-            batches = evaluation.final_batches(lane.prepared.val, c.eval_final_batches,
-                                               c.batch_size, c.seed)
-            e = evaluation.evaluate_batches(state, batches, self.program.place, c.eval_batches,
-                                            f"{lane.name}: final evaluation" if self.lead else None,
-                                            self.position)
+    def final_evaluations(self, state, lanes: list[int], step: int) -> None:
+        """The end-of-run evaluation of the lanes ending at `step`, in one pass of the program
+        (a stack: one vmapped program for all of them), at most eval_final_batches each."""
+        t = time.perf_counter()
+        c = self.lanes[lanes[0]].exp.config  # batch size and eval_batches: shared (stackable)
+        batches = [evaluation.final_batches(self.lanes[v].prepared.val, ln.eval_final_batches,
+                                            ln.batch_size, ln.data_seed)
+                   for v in lanes for ln in [self.lanes[v].exp.config]]
+        name = self.lanes[lanes[0]].name if len(lanes) == 1 else f"{len(lanes)} lanes"
+        with tqdm(total=max(map(len, batches)), desc=f"{name}: final evaluation", unit="batch",
+                  position=self.position, leave=False, dynamic_ncols=True,
+                  disable=not self.lead) as bar:
+            got = self.program.evaluate(state, lanes, batches, c.eval_batches, bar)
+        seconds = (time.perf_counter() - t) / len(lanes)  # the pass's time, shared by its lanes
+        for v, e in zip(lanes, got):
+            lane = self.lanes[v]
             lane.final_eval = e
-            lane.phases["final_eval"] = time.perf_counter() - t
-        else:
-            e = evaluation.evaluate(state, lane.sample)
+            lane.phases["final_eval"] = seconds
+            self.write_eval(lane, step, e)
+
+    def write_eval(self, lane: _Lane, step: int, e: evaluation.Evaluation) -> None:
         lane.writer.write_scalars(step, {"val/tokens": lane.tokens, "val/loss": e.loss,
                                          "val/perplexity": e.perplexity})
 
@@ -404,32 +382,20 @@ def _loop(run: _Run, state, rng, step: int, stop: threading.Event | None):
     return state
 
 
-def train(
-    experiments: list[Experiment],
-    prepared: Sequence[data.Prepared],
-    out_dir: pathlib.Path,
-    max_steps: int | None = None,
-    resume: bool = False,
-    position: int = 0,
-    stop: threading.Event | None = None,
-    program: Callable | None = None,
-    fuse: bool | None = None,
-    writers: Callable | None = None,
-) -> list[Result]:
+def drive(experiments: list[Experiment], prepared: Sequence[data.Prepared], opts: RunOptions,
+          program: type[Program] = Plain) -> list[Result]:
     """Train the experiments (one, or a stack that shares a device) -> their Results, in order.
 
-    program(placement, fuse): the program the lanes run (default `Plain`, one experiment).
-    fuse: fused blocks (default: on accelerators, where a step is short enough for dispatch
+    program: the Program class the lanes run (`Plain`: one experiment; `stack.Stacked`).
+    opts.fuse: fused blocks (None: on accelerators, where a step is short enough for dispatch
     to matter; on the CPU single steps keep resume bit-exact from any step).
-    writers(experiment): extra metric writers (W&B) beside the files.
     """
     place = Placement(experiments[0].devices)
-    fuse = place.devices[0].platform != "cpu" if fuse is None else fuse
-    prog = (program or Plain)(place, fuse)
+    fuse = place.devices[0].platform != "cpu" if opts.fuse is None else opts.fuse
+    prog = program(place, fuse)
     lead = jax.process_index() == 0  # only process 0 writes outputs; all write checkpoints
-    out_dir = pathlib.Path(out_dir)
     start = time.perf_counter()
-    lanes, states, progress = _open(experiments, prepared, out_dir, max_steps, resume, place, lead)
+    lanes, states, progress = _open(experiments, prepared, opts, place, lead)
     try:
         step = common_step([ln.name for ln in lanes], [p["step"] for p in progress],
                            [ln.total for ln in lanes])
@@ -440,18 +406,20 @@ def train(
     state, rng = prog.start(states, [e.config for e in experiments])
     del states
     for lane, p in zip(lanes, progress):
-        extra = writers(lane.exp) if writers is not None and lead else []
-        lane.writer = metric_writer(out_dir, lane.name, lane.latest, extra) if lead else metrics.MultiWriter([])
+        extra = opts.writers(lane.exp) if opts.writers is not None and lead else []
+        lane.writer = (metric_writer(opts.out, lane.name, lane.latest, extra) if lead
+                       else metrics.MultiWriter([]))
         lane.live = p["step"] < lane.total
         c = lane.exp.config
         if len(lane.prepared.val):
-            lane.sample = list(evaluation.groups(
-                data.eval_sample(lane.prepared.val, c.eval_batches, c.batch_size, c.seed), place, c.eval_batches))
+            lane.sample = list(evaluation.groups(data.eval_sample(
+                lane.prepared.val, c.eval_batches, c.batch_size, c.data_seed), place,
+                c.eval_batches))
     label = (f"{experiments[0].name} [{place.label}]" if len(lanes) == 1
              else f"stack of {len(lanes)} [{place.label}]")
-    run = _Run(lanes, prog, step, max(p["seconds"] for p in progress), position, lead, label)
+    run = _Run(lanes, prog, step, max(p["seconds"] for p in progress), opts.position, lead, label)
     try:
-        state = _loop(run, state, rng, step, stop)
+        state = _loop(run, state, rng, step, opts.stop)
     except Exception as e:  # one experiment's failure must not end the others
         traceback.print_exc()
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -461,7 +429,7 @@ def train(
         state = None
     finally:
         run.close()
-    return _results(lanes, prog, state, out_dir, lead, time.perf_counter() - start)
+    return _results(lanes, prog, state, opts.out, lead, time.perf_counter() - start)
 
 
 def _results(lanes, prog, state, out_dir, lead, seconds) -> list[Result]:
@@ -478,13 +446,10 @@ def _results(lanes, prog, state, out_dir, lead, seconds) -> list[Result]:
         rows, val_rows = read_rows(out_dir, lane.name) if lead else ([], [])
         results.append(Result(lane.name, lane.exp.config, prog.place.label, rows, val_rows, seconds,
                               lane.status, lane.exp.overrides, devices, s, lane.final_eval,
-                              lane.phases, len(lanes)))
+                              lane.phases, len(lanes), lane.exp.experiment))
     return results
 
 
-def run_experiment(exp: Experiment, prepared: data.Prepared, out_dir: pathlib.Path,
-                   max_steps: int | None = None, resume: bool = False, position: int = 0,
-                   stop: threading.Event | None = None, fuse: bool | None = None,
-                   writers: Callable | None = None) -> Result:
-    """Train one experiment on its device(s): `train` of a stack of one, with the plain step."""
-    return train([exp], [prepared], out_dir, max_steps, resume, position, stop, None, fuse, writers)[0]
+def run_experiment(exp: Experiment, prepared: data.Prepared, opts: RunOptions) -> Result:
+    """Train one experiment on its device(s): `drive` of a stack of one, with the plain step."""
+    return drive([exp], [prepared], opts)[0]

@@ -1,6 +1,6 @@
 """Masked next-token cross entropy, and the fused LM head that computes it without the logits.
 
-- `masked_lm_loss(logits, tokens)`: the definition (SPEC, Training): logits at
+- `masked_lm_loss(logits, tokens)`: the definition (docs/spec.md, Training): logits at
   0..L-2 against tokens 1..L-1, averaged over non-PAD labels; none gives 0.
 - `head_loss(h, kernel, tokens)`: the same value from the final hidden states,
   never building the (B, L, 50257) float32 logits, which are almost all of the

@@ -1,5 +1,5 @@
 """MiniGPT in Flax linen, equal number for number to the PyTorch project's model.py
-called with a causal mask (SPEC, Model).
+called with a causal mask (docs/spec.md, Model).
 
 - Submodule names are the PyTorch state-dict names (`layers_{i}` for
   `layers.{i}`, `pos`/`embed` for `pos.embed`), so conversion is one table

@@ -11,8 +11,8 @@
 - stack=True: experiments that share a device and differ only in values
   (stack.groups) train together as one vmapped program (stack.run_stacked);
   the others as usual.
-- writers(experiment) -> extra metric writers (e.g. W&B) beside the CSV,
-  JSONL and TensorBoard ones.
+- opts.writers(experiment) -> extra metric writers (e.g. W&B) beside the CSV,
+  JSONL and TensorBoard ones (options.RunOptions holds the run's options).
 - concurrent=N: up to N threads per device, each taking the device's experiments
   in turn, so up to N of them train on one device at the same time (users with
   fewer GPUs than experiments). The default, 1, is one after another: on the CPU
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import threading
 import time
@@ -31,28 +30,24 @@ from tqdm.auto import tqdm
 
 from minigpt_jax import stack as stacking
 from minigpt_jax.loop import Experiment, Result, run_experiment
+from minigpt_jax.options import RunOptions
 
 
-def run_all(
-    experiments: list[Experiment],
-    prepare: Callable,
-    out_dir: pathlib.Path,
-    max_steps: int | None = None,
-    resume: bool = False,
-    stop: threading.Event | None = None,
-    on_result: Callable | None = None,
-    stack: bool = False,
-    writers: Callable | None = None,
-    concurrent: int = 1,
-) -> list[Result]:
+def run_all(experiments: list[Experiment], prepare: Callable, opts: RunOptions) -> list[Result]:
     """Run experiments, those on distinct devices at the same time; results in input order.
 
-    on_result(result) is called in the experiment's thread as soon as it (or its
+    opts.on_result(result) is called in the experiment's thread as soon as it (or its
     stack) finishes (exports, per-experiment plots); an exception there marks the
-    result failed.
+    result failed. Each device's thread draws its progress bar on its own line.
     """
+    stop, on_result, concurrent = opts.stop, opts.on_result, opts.concurrent
     results: dict[int, Result] = {}
-    groups = stacking.groups(experiments) if stack else [[i] for i in range(len(experiments))]
+    if opts.stack:  # any experiments of one shape on one device
+        groups = stacking.groups(experiments)
+    elif not opts.seeds_apart:  # the seeds of one experiment
+        groups = stacking.groups(experiments, key=lambda e: e.experiment or e.name)
+    else:
+        groups = [[i] for i in range(len(experiments))]
     by_device: dict[tuple, list[list[int]]] = {}
     for g in groups:
         by_device.setdefault(experiments[g[0]].devices, []).append(g)
@@ -60,7 +55,8 @@ def run_all(
 
     def failed(i: int, status: str) -> Result:
         e = experiments[i]
-        return Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides)
+        return Result(e.name, e.config, e.label, [], [], 0.0, status, e.overrides,
+                      experiment=e.experiment)
 
     def worker(device_groups: list[list[int]]) -> None:
         for g in device_groups:
@@ -75,12 +71,11 @@ def run_all(
                 segment = time.perf_counter() - t
                 if segment >= 0.5:  # a shared setting's second call is memoised: no line
                     tqdm.write(f"{exps[0].name}: data split and segmented in {segment:.1f} s", file=sys.stderr)
+                mine = opts.replace(position=opts.position + g[0])
                 if len(g) > 1:
-                    got = stacking.run_stacked(exps, preps, out_dir, max_steps, resume, g[0], stop,
-                                               extra_writers=writers)
+                    got = stacking.run_stacked(exps, preps, mine)
                 else:
-                    got = [run_experiment(exps[0], preps[0], out_dir, max_steps, resume, g[0], stop,
-                                          writers=writers)]
+                    got = [run_experiment(exps[0], preps[0], mine)]
             except Exception as ex:  # one group's failure must not end the others
                 reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
                 got = [failed(i, f"failed: {reason}") for i in g]

@@ -15,6 +15,11 @@
   leave the axes; smoothed lines and validation points never do after the head.
 - Perplexity is on a log axis (it is exp(loss): the loss axis relabelled). The
   comparison plots put tokens seen on x, so runs with other batch sizes compare.
+- Several seeds of an experiment (`seeds_figures`, and `comparison_figures` given
+  a list of runs per experiment): the line is the mean over seeds of the smoothed
+  curves (interpolated onto the first seed's x, over the range every seed
+  covers), the band their minimum to maximum, and each validation point the mean
+  with a bar from minimum to maximum; the legend says so. One seed: as above.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from minigpt_jax.files import atomic_write_bytes
@@ -76,6 +82,7 @@ _METRICS = (  # (file stem, train key, validation key, y label, log y)
     ("perplexity", "perplexity", "val_perplexity", "perplexity (log scale)", True),
 )
 _VAL_MARKER = dict(ls="none", marker="o", ms=6, mec="black", mew=0.6, zorder=3)
+_BAND = "band: min to max over seeds"
 
 
 def _compact(v: float, _pos=None) -> str:
@@ -102,6 +109,33 @@ def _series(rows, val_rows, key: str, vkey: str, log: bool, x_key: str, window=N
             return np.log(v) if as_y and log else v
     y = column(rows, key, True)
     return column(rows, x_key), y, smooth(y, window), column(val_rows, x_key), column(val_rows, vkey, True)
+
+
+def _over_seeds(runs, key: str, vkey: str, log: bool, x_key: str, window=None) -> dict:
+    """Several runs' series on one x: the first run's x over the range all cover; per-step y,
+    smoothed y and validation y as mean, min and max over runs (validation by index)."""
+    series = [_series(rows, val_rows, key, vkey, log, x_key, window) for rows, val_rows in runs]
+    x0 = series[0][0]
+    x = x0[(x0 >= max(s[0][0] for s in series)) & (x0 <= min(s[0][-1] for s in series))]
+    y = np.array([np.interp(x, s[0], s[1]) for s in series])
+    sm = np.array([np.interp(x, s[0], s[2]) for s in series])
+    nv = min(len(s[3]) for s in series)
+    vx = np.array([s[3][:nv] for s in series]).mean(axis=0)
+    vy = np.array([s[4][:nv] for s in series])
+    with np.errstate(invalid="ignore"):
+        return {"x": x, "y": y.mean(axis=0), "sm": sm.mean(axis=0), "lo": sm.min(axis=0),
+                "hi": sm.max(axis=0), "vx": vx, "vy": vy.mean(axis=0), "vlo": vy.min(axis=0),
+                "vhi": vy.max(axis=0), "bad": sum(int(np.sum(~np.isfinite(s[1]))) for s in series)}
+
+
+def _draw_seeds(ax, b: dict, color: str, show, label: str, val_label: str | None) -> None:
+    """The mean line, its min-max band, and validation means with min-max bars."""
+    ax.plot(b["x"], show(b["sm"]), color=color, lw=1.8, label=label)
+    ax.fill_between(b["x"], show(b["lo"]), show(b["hi"]), color=color, alpha=0.2, lw=0)
+    if len(b["vx"]):
+        m = show(b["vy"])
+        ax.errorbar(b["vx"], m, yerr=[m - show(b["vlo"]), show(b["vhi"]) - m], color=color,
+                    ecolor=color, elinewidth=1.2, capsize=3, label=val_label, **_VAL_MARKER)
 
 
 def _head_end(x: np.ndarray) -> float:
@@ -183,14 +217,16 @@ def experiment_figures(name: str, rows: Sequence[Mapping],
     return figures
 
 
-def comparison_figures(curves: Mapping[str, tuple[Sequence[Mapping], Sequence[Mapping]]]
-                       ) -> dict[str, Figure]:
+def comparison_figures(curves: Mapping[str, tuple | Sequence[tuple]]) -> dict[str, Figure]:
     """{file name: figure} of every experiment's loss and perplexity against tokens seen.
 
-    curves: experiment name -> (rows, val_rows), keys as in experiment_figures; the
-    order sets the colours. Experiments without rows are left out; {} if none has any.
+    curves: experiment name -> (rows, val_rows), keys as in experiment_figures, or a list of
+    them (its seeds: drawn as their mean with a min-max band); the order sets the colours.
+    Runs without rows are left out; {} if none has any.
     """
-    curves = {n: c for n, c in curves.items() if len(c[0])}
+    curves = {n: runs for n, c in curves.items()
+              if (runs := [r for r in ([c] if isinstance(c, tuple) else c) if len(r[0])])}
+    banded = any(len(runs) > 1 for runs in curves.values())
     figures = {}
     for stem, key, vkey, ylabel, log in _METRICS if curves else ():
         show = np.exp if log else np.asarray
@@ -198,22 +234,65 @@ def comparison_figures(curves: Mapping[str, tuple[Sequence[Mapping], Sequence[Ma
                             "tokens seen", ylabel, log)
         ax.xaxis.set_major_formatter(FuncFormatter(_compact))
         tops, lows, start, bad = [], [], -np.inf, 0
-        for i, (name, (rows, val_rows)) in enumerate(curves.items()):
-            tokens, y, sm, vtokens, vy = _series(rows, val_rows, key, vkey, log, "tokens")
-            ax.plot(tokens, show(sm), color=f"C{i % 10}", lw=1.8, label=name)
-            if len(val_rows):
-                ax.plot(vtokens, show(vy), color=f"C{i % 10}", **_VAL_MARKER)
+        for i, (name, runs) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            if len(runs) > 1:
+                b = _over_seeds(runs, key, vkey, log, "tokens")
+                _draw_seeds(ax, b, color, show, f"{name} ({len(runs)} seeds)", None)
+                tokens, sm, vtokens, vy, vlo = b["x"], b["hi"], b["vx"], b["vhi"], b["vlo"]
+                lows += [b["lo"], vlo]
+                bad += b["bad"]
+            else:
+                (rows, val_rows), = runs
+                tokens, y, sm, vtokens, vy = _series(rows, val_rows, key, vkey, log, "tokens")
+                ax.plot(tokens, show(sm), color=color, lw=1.8, label=name)
+                if len(val_rows):
+                    ax.plot(vtokens, show(vy), color=color, **_VAL_MARKER)
+                lows += [sm, vy]
+                bad += int(np.sum(~np.isfinite(y)))
             tops += [sm[tokens > _head_end(tokens)], vy[vtokens > _head_end(tokens)]]
-            lows += [sm, vy]
             start = max(start, np.max(_finite(sm), initial=-np.inf))
-            bad += int(np.sum(~np.isfinite(y)))
         ax.add_artist(ax.legend(loc="upper right", title="experiment", fontsize=9))
+        what = "mean over seeds, " if banded else ""
         ax.legend(handles=[
-            Line2D([], [], color="0.3", lw=1.8, label="train, centred moving average (~1/10 run)"),
-            Line2D([], [], color="0.3", label="validation", **_VAL_MARKER),
+            Line2D([], [], color="0.3", lw=1.8,
+                   label=f"train, {what}centred moving average (~1/10 run)"),
+            Line2D([], [], color="0.3", label=f"validation{' (bars: min to max)' * banded}",
+                   **_VAL_MARKER),
+            *([Patch(color="0.3", alpha=0.2, label=_BAND)] if banded else []),
         ], loc="upper center", fontsize=8)
         _set_y(ax, log, tops, lows, start, bad)
         figures[f"{stem}_curves.png"] = fig
+    return figures
+
+
+def seeds_figures(name: str, runs: Sequence[tuple]) -> dict[str, Figure]:
+    """{file name: figure} of one experiment over its seeds against step: the mean per-step
+    and smoothed train curves, the smoothed curves' min-max band, validation means with
+    min-max bars. runs: (rows, val_rows) per seed; one run: `experiment_figures`."""
+    runs = [r for r in runs if len(r[0])]
+    if len(runs) <= 1:
+        return experiment_figures(name, *runs[0]) if runs else {}
+    window = min(default_window(len(rows)) for rows, _ in runs)
+    figures = {}
+    for stem, key, vkey, ylabel, log in _METRICS:
+        show = np.exp if log else np.asarray
+        b = _over_seeds(runs, key, vkey, log, "step", window)
+        fig, ax = _new_axes(f"{name}: {stem}, {len(runs)} seeds", "step", ylabel, log)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        if window > 1:
+            ax.plot(b["x"], show(b["y"]), color="C0", lw=0.7, alpha=0.35,
+                    label=f"train {stem}, per step, mean of {len(runs)} seeds")
+        line = (f"train {stem}, centred moving average ({window} steps), mean of seeds"
+                if window > 1 else f"train {stem}, per step, mean of {len(runs)} seeds")
+        _draw_seeds(ax, b, "C0", show, line, f"validation {stem}, mean (bars: min to max)")
+        handles = ax.get_legend_handles_labels()[0]
+        ax.legend(handles=[*handles, Patch(color="C0", alpha=0.2, label=_BAND)],
+                  loc="upper right", fontsize=9)
+        late, vlate = b["x"] > _head_end(b["x"]), b["vx"] > _head_end(b["x"])
+        _set_y(ax, log, [b["hi"][late], b["vhi"][vlate]], [b["lo"], b["vlo"]],
+               np.max(_finite(b["sm"]), initial=-np.inf), b["bad"])
+        figures[f"{stem}_curve_{name}.png"] = fig
     return figures
 
 
@@ -235,8 +314,14 @@ def plot_experiment(out_dir: pathlib.Path, name: str, rows: Sequence[Mapping],
     return write_figures(out_dir, experiment_figures(name, rows, val_rows))
 
 
-def plot_comparison(out_dir: pathlib.Path,
-                    curves: Mapping[str, tuple[Sequence[Mapping], Sequence[Mapping]]]
+def plot_comparison(out_dir: pathlib.Path, curves: Mapping[str, tuple | Sequence[tuple]]
                     ) -> list[pathlib.Path]:
-    """Write loss_curves.png and perplexity_curves.png; [] when no experiment has rows."""
+    """Write loss_curves.png and perplexity_curves.png; [] when no experiment has rows.
+    curves as in `comparison_figures` (a list of (rows, val_rows) per experiment: its seeds)."""
     return write_figures(out_dir, comparison_figures(curves))
+
+
+def plot_seeds(out_dir: pathlib.Path, name: str, runs: Sequence[tuple]) -> list[pathlib.Path]:
+    """Write loss_curve_<name>.png and perplexity_curve_<name>.png of an experiment over its
+    seeds (`seeds_figures`); [] when no run has rows."""
+    return write_figures(out_dir, seeds_figures(name, runs))

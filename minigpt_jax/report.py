@@ -12,10 +12,12 @@
   experiments, sweeps and stacked variants appear without being named here.
   The numbers in the tables are `tables.row(result)`, the same values as
   results_table.csv.
-- Observations are computed, never written by hand: the validation-perplexity
-  ranking and margins, failures and stops, losses that ended above their
-  start, and the train loss of every experiment at the most tokens all of them
-  reached (the smoothed curve of the comparison plot, interpolated).
+- Observations are computed, never written by hand: the validation ranking and
+  margins, failures and stops, losses that ended above their start, and the
+  train loss of every experiment at the most tokens all of them reached (the
+  smoothed curve of the comparison plot, interpolated). Every sentence that
+  compares experiments, and the over-seeds and LR sensitivity tables, are
+  `comparisons`' (its interval and p-value, or why the numbers cannot order them).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 
-from minigpt_jax import data, files, model, optim, plots, tables
+from minigpt_jax import comparisons, data, files, model, optim, plots, seeds, tables
 from minigpt_jax.config import Config, num_params
 
 FILE = "report.md"
@@ -46,15 +49,7 @@ def _n(v) -> str:
 _f = tables.number
 
 
-def _cell(v) -> str:
-    """A table cell: one line, pipes escaped."""
-    return " ".join(str(v).split()).replace("|", "\\|") or "-"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence], right: set[int] = frozenset()) -> str:
-    align = ["---:" if i in right else "---" for i in range(len(header))]
-    lines = [header, align, *[[_cell(c) for c in r] for r in rows]]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+_table = tables.markdown
 
 
 def _link(file: str) -> str:
@@ -72,9 +67,8 @@ def parameter_shapes(c: Config) -> dict[str, dict[str, tuple]]:
     in forward order."""
     tree = jax.eval_shape(lambda: model.init_params(c, jax.random.PRNGKey(0)))
     modules: dict[str, dict[str, tuple]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [k.key for k in path]
-        modules.setdefault(".".join(keys[:-1]), {})[keys[-1]] = tuple(leaf.shape)
+    for path, leaf in flatten_dict(tree).items():
+        modules.setdefault(".".join(path[:-1]), {})[path[-1]] = tuple(leaf.shape)
 
     def rank(m: str):
         top, _, rest = m.partition(".")
@@ -164,7 +158,7 @@ def data_section(results, prepared: Mapping[str, data.Prepared], source: str) ->
         p, c = prepared[rs[0].name], rs[0].config
         if len(groups) > 1:
             out += [(f"### {_names([r.name for r in rs])} (seq_len {c.seq_len}, segmentation"
-                     f" {c.segmentation}, val_fraction {c.val_fraction}, seed {c.seed})"), ""]
+                     f" {c.segmentation}, val_fraction {c.val_fraction}, data_seed {c.data_seed})"), ""]
         rule = ("sequences of 32..128 tokens kept whole, longer ones cut into seq_len segments,"
                 " shorter ones dropped" if c.segmentation == "pytorch"
                 else "every token, in consecutive seq_len chunks")
@@ -263,51 +257,11 @@ def loss_at_tokens(results) -> tuple[int, dict[str, float]] | None:
     return int(t), {n: float(np.interp(t, x, y)) for n, (x, y) in curves.items()}
 
 
-def _noise(a, b) -> float | None:
-    """Two standard errors of the difference of two final validation losses, or None."""
-    if a.final_eval is None or b.final_eval is None:
-        return None
-    se = math.hypot(a.final_eval.stderr, b.final_eval.stderr)
-    return 2 * se if math.isfinite(se) else None
-
-
-def ranking(results, rows: Mapping[str, dict]) -> list[str]:
-    """The validation ranking, which never orders two experiments whose losses differ by less
-    than about two standard errors without saying the difference is within noise."""
-    ranked = sorted((r for r in results if rows[r.name]["val_loss"] is not None),
-                    key=lambda r: rows[r.name]["val_loss"])
-    if not ranked:
-        return []
-    best = ranked[0]
-    b = rows[best.name]
-    fe = best.final_eval
-    over = (f" over {fe.tokens:,} held-out label tokens ({fe.segments:,} segments), standard"
-            f" error {_f(fe.stderr, '.4f')}" if fe is not None else "")
-    notes = [f"`{best.name}` reached the lowest validation loss, {b['val_loss']:.4f}"
-             f" (perplexity {_f(b['val_perplexity'], ',.2f')}){over}."]  # a diverged run: "-"
-    order, tied = [f"`{best.name}`"], []
-    for prev, r in zip(ranked, ranked[1:]):
-        diff = rows[r.name]["val_loss"] - rows[prev.name]["val_loss"]
-        noise = _noise(prev, r)
-        within = noise is None or diff < noise
-        order.append(("≈ " if within else "< ") + f"`{r.name}`")
-        if within:
-            tied.append(f"`{prev.name}` and `{r.name}` ({diff:.4f} apart"
-                        + (f", under two standard errors, {noise:.4f})" if noise is not None
-                           else "; no standard error to test it against)"))
-    if len(ranked) > 1:
-        notes.append("Ranking by validation loss (≈: within noise): " + " ".join(order) + ".")
-    if tied:
-        notes.append("Within noise, so not ordered by this run: " + "; ".join(tied)
-                     + ". A larger held-out sample (eval_final_batches, val_fraction) would tell them apart.")
-    return notes
-
-
-def observations(results, stacked: bool = False) -> list[str]:
-    """Sentences computed from the numbers."""
+def observations(results, stacked: bool = False, reference: str | None = None) -> list[str]:
+    """Sentences computed from the numbers; those comparing experiments are comparisons'."""
     rows = {r.name: tables.row(r) for r in results}
     notes = []
-    notes += ranking(results, rows)
+    notes += comparisons.ranking(results, rows, reference)
     for r in results:
         if r.status != "ok":
             last = (f" after {r.steps:,} steps and {r.tokens:,} tokens" if r.rows
@@ -318,14 +272,7 @@ def observations(results, stacked: bool = False) -> list[str]:
         if len(sm) >= 2 and sm[-1] > sm[0]:
             notes.append(f"`{r.name}` diverged: its smoothed train loss ended at"
                          f" {_f(sm[-1], '.4f')}, above its start, {_f(sm[0], '.4f')}.")
-    equal = loss_at_tokens(results)
-    if equal:
-        t, losses = equal
-        order = sorted(losses, key=losses.get)
-        notes.append(f"At {t:,} tokens seen (the most every experiment reached), the smoothed"
-                     " train loss was " + ", ".join(f"`{n}` {_f(losses[n], '.4f')}" for n in order)
-                     + f": `{order[0]}` lowest, {_f(losses[order[-1]] - losses[order[0]], '.4f')}"
-                     f" below `{order[-1]}`.")
+    notes += comparisons.at_tokens(results, loss_at_tokens(results))
     rates = sorted((row["tokens_per_second"], n) for n, row in rows.items()
                    if row["tokens_per_second"])
     # finished experiments only: a failed or stopped one's last evaluation predates its last step
@@ -337,8 +284,9 @@ def observations(results, stacked: bool = False) -> list[str]:
                      + ", ".join(f"`{n}` {g:+.4f}" for g, n in gaps) + ".")
     if len(rates) >= 2:
         devices = sorted({r.device for r in results})
-        how = (f"all on {devices[0]}, those that could stack trained together (--stack)"
-               if stacked and len(devices) == 1
+        together = stacked or any(r.stacked > 1 for r in results)  # --stack, or seeds
+        how = (f"all on {devices[0]}, those in one stack trained together (tokens/s: the"
+               " stack's, shared)" if together and len(devices) == 1
                else f"all on {devices[0]}, one after another" if len(devices) == 1
                else f"on {len(devices)} devices, those on distinct devices at the same time,"
                " sharing the host")
@@ -347,7 +295,8 @@ def observations(results, stacked: bool = False) -> list[str]:
     return notes or ["No experiment wrote a metric row: there is nothing to compare."]
 
 
-def results_section(out_dir: pathlib.Path, results, stacked: bool = False) -> str:
+def results_section(out_dir: pathlib.Path, results, stacked: bool = False,
+                    reference: str | None = None) -> str:
     rows = []
     for r in results:
         row = tables.row(r)
@@ -361,12 +310,16 @@ def results_section(out_dir: pathlib.Path, results, stacked: bool = False) -> st
             " The same numbers, unrounded, are in [results_table.csv](results_table.csv)."), "",
            _table(["experiment", "status", "steps", "tokens", "final loss", "smoothed loss",
                    "smoothed ppl", "val loss", "val ppl"], rows, right=set(range(2, 9))), "",
-           "### Observations", "", *[f"- {n}" for n in observations(results, stacked)], ""]
+           comparisons.section(out_dir, results, reference),
+           "### Observations", "", *[f"- {n}" for n in observations(results, stacked, reference)],
+           ""]
     plots = [f for f in ("loss_curves.png", "perplexity_curves.png") if (out_dir / f).is_file()]
     if plots:
         out += ["### Comparison (x axis: label tokens seen)", ""]
         out += [f"![{f[:-4].replace('_', ' ')}]({_link(f)})" for f in plots] + [""]
     for r in results:
+        if len(seeds.groups(results)[seeds.experiment(r)]) > 1:
+            continue  # a seed of an experiment: its band is in Over seeds
         files = [f for f in (f"loss_curve_{r.name}.png", f"perplexity_curve_{r.name}.png")
                  if (out_dir / f).is_file()]
         out += [f"### {r.name}", ""]
@@ -380,7 +333,7 @@ def results_section(out_dir: pathlib.Path, results, stacked: bool = False) -> st
 # --- the page --------------------------------------------------------------------------------
 
 def source_text(seqs) -> str:
-    """How the report names a `sources.Sequences`: where it came from and its format."""
+    """How the report names a `data.Sequences`: where it came from and its format."""
     fmt = {"rows": "padded rows, sample_dataset.pt format",
            "tokenized": "token sequences, tokenized_data.pt format"}.get(seqs.kind, seqs.kind)
     if seqs.source == "default corpus":
@@ -403,7 +356,8 @@ def data_statistics(seqs, results) -> dict[str, data.Prepared]:
 
 
 def report_text(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],
-                source: str, run: Mapping[str, object] | None = None) -> str:
+                source: str, run: Mapping[str, object] | None = None,
+                reference: str | None = None) -> str:
     """The page as Markdown; out_dir is only looked at for which plots exist."""
     out_dir = pathlib.Path(out_dir)
     ok = sum(r.status == "ok" for r in results)
@@ -412,19 +366,24 @@ def report_text(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str,
             ("Written by `scripts/run.py` from this run's numbers; the per-step values are in"
              " `metrics_<name>.csv`, the results in `results_table.csv`."), ""]
     return "\n".join(head + [model_section(results), data_section(results, prepared, source),
-                             setup_section(results, run or {}), results_section(out_dir, results, (run or {}).get("Stacked") == "yes")])
+                             setup_section(results, run or {}),
+                             results_section(out_dir, results, (run or {}).get("Stacked") == "yes",
+                                             reference)])
 
 
 def write_report(out_dir: pathlib.Path, results: Sequence, prepared: Mapping[str, data.Prepared],
-                 source: str, run: Mapping[str, object] | None = None) -> pathlib.Path:
+                 source: str, run: Mapping[str, object] | None = None,
+                 reference: str | None = None) -> pathlib.Path:
     """Write out_dir/report.md (and report.html where markdown-it-py is importable) atomically.
 
     results: loop.Result, one row each; prepared: experiment name -> its data.Prepared;
     source: the data's name and format (`source_text`); run: facts about the invocation
-    (label -> value), listed in the training setup.
+    (label -> value), listed in the training setup; reference: the experiment the others are
+    compared with over seeds (`seeds.reference`: default `baseline`, else the first).
     """
     out_dir = pathlib.Path(out_dir)
-    return _write_page(out_dir / FILE, report_text(out_dir, results, prepared, source, run))
+    return _write_page(out_dir / FILE,
+                       report_text(out_dir, results, prepared, source, run, reference))
 
 
 def write_section(out_dir: pathlib.Path, heading: str, body: str) -> pathlib.Path:

@@ -4,26 +4,25 @@
     results = runner.run()                                  # the five experiments, into outcome/
     results = runner.run(["baseline"], max_steps=20, overrides={"lr": 3e-4}, out="/tmp/try")
 
-`run` validates everything it can before any training (experiment names, overrides,
-sweeps, devices, the output folder, the data, schedules, resumable checkpoints) and
-raises the project's own errors, one line each: `RunError` (a usage error),
-config.ConfigError, sources.DataError, checkpoint.CheckpointError. Then it trains
-(parallel.run_all: experiments on distinct devices at the same time), and writes the
-per-experiment curves as each finishes and the comparison plots, results table and
-report.md at the end. It returns one loop.Result per experiment, in order.
+`run` is three steps, each also callable on its own: `plan` (the experiments: names,
+overrides, sweeps -> configs), `check` (the options.RunOptions: counts, the output folder),
+both without JAX, then `execute`, which validates what needs JAX and the data (devices, the
+data, schedules, resumable checkpoints), trains (parallel.run_all: experiments on distinct
+devices at the same time), and writes the per-experiment curves as each finishes and the
+comparison plots, results table and report.md at the end. Errors are the project's own, one
+line each: `RunError` (a usage error), config.ConfigError, data's DataError,
+checkpoint.CheckpointError. It returns one loop.Result per experiment, in order.
 
 Process set-up that must come before JAX starts (which GPUs are visible,
-jax.distributed) is the caller's: scripts/run.py does it.
+jax.distributed) is the caller's: scripts/run.py does it, between `check` and `execute`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from minigpt_jax import config as cfg
+from minigpt_jax.options import RunOptions
 
 REPO_OUT = pathlib.Path(__file__).resolve().parents[1] / "outcome"
 
@@ -41,10 +41,14 @@ class RunError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The experiments to run: name -> (config, override text), and the run's length."""
+    """The runs: name -> (config, override text); with several seeds, each run's experiment."""
 
     experiments: dict[str, tuple[cfg.Config, str]]
-    max_steps: int | None
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)  # run -> its experiment
+
+    def experiment(self, run: str) -> str:
+        """The experiment a run belongs to ("" when it is one seed: the run is the experiment)."""
+        return self.groups.get(run, "")
 
     @property
     def configs(self) -> dict[str, cfg.Config]:
@@ -52,20 +56,53 @@ class Plan:
 
 
 def plan(experiments: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None,
-         sweeps: Sequence = (), max_steps: int | None = None, override_text: str = "") -> Plan:
+         sweeps: Sequence = (), override_text: str = "", seeds: int = 1) -> Plan:
     """Everything that needs no JAX -> a Plan; RunError or ConfigError when it cannot run.
 
     experiments: names from config.EXPERIMENTS (default: all five, or baseline with sweeps).
-    sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...])."""
+    sweeps: config.parse_sweeps' output ([(key, [(text, value), ...]), ...]). seeds: each
+    experiment trained with seeds seed .. seed+seeds-1, as runs named <experiment>_seed<s>
+    (one seed: the experiment's own name, today's run)."""
     names = list(experiments) if experiments is not None else (["baseline"] if sweeps else list(cfg.EXPERIMENTS))
     if not names:
         raise RunError("no experiment given; valid: " + ", ".join(cfg.EXPERIMENTS))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RunError(f"experiments {', '.join(dupes)} given twice")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0):
-        raise RunError(f"max_steps={max_steps!r}: expected a positive integer")
-    return Plan(cfg.plan(names, dict(overrides or {}), override_text, list(sweeps)), max_steps)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise RunError(f"--seeds {seeds!r}: expected a positive integer (1: one run per experiment)")
+    experiments = cfg.plan(names, dict(overrides or {}), override_text, list(sweeps))
+    if seeds == 1:
+        return Plan(experiments)
+    runs, groups = {}, {}
+    for name, (c, text) in experiments.items():
+        if c.seed + seeds - 1 >= 2**32:
+            raise RunError(f"--seeds {seeds}: {name}'s seeds {c.seed}..{c.seed + seeds - 1} leave"
+                           " [0, 2**32); expected a smaller seed or count")
+        for s in range(c.seed, c.seed + seeds):
+            runs[f"{name}_seed{s}"] = (c.replace(seed=s), ", ".join(filter(None, [text, f"seed={s}"])))
+            groups[f"{name}_seed{s}"] = name
+    return Plan(runs, groups)
+
+
+def check(opts: RunOptions, p: Plan | None = None) -> None:
+    """RunError, before JAX starts, for options that cannot run: counts, the text mode, the
+    reference experiment (one of the plan's), the output folder."""
+    if p is not None and opts.reference is not None:
+        names = list(dict.fromkeys(p.experiment(r) or r for r in p.experiments))
+        if opts.reference not in names:
+            raise RunError(f"--reference {opts.reference}: not an experiment of this run;"
+                           f" expected one of {', '.join(names)}")
+    m = opts.max_steps
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
+        raise RunError(f"max_steps={m!r}: expected a positive integer")
+    c = opts.concurrent
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+        raise RunError(f"--concurrent {c!r}: expected a positive integer")
+    if opts.text_docs not in ("file", "block"):
+        raise RunError(f"--text-docs {opts.text_docs!r}: expected file (one document per file) or"
+                       " block (one per blank-line-separated block)")
+    check_out_dir(opts.out)
 
 
 def experiment_names(only: str | None = None, experiments: str | None = None,
@@ -131,143 +168,123 @@ def check_out_dir(out: pathlib.Path) -> None:
                        " expected a writable folder") from None
 
 
-def _pt_reader(path, vocab_size):
-    """The PyTorch .pt reader, looked up when a .pt file is read (torch is imported then)."""
-    from torch_compat.data import read_sequences
-
-    return read_sequences(path, vocab_size)
-
-
 def load_data(path, vocab_sizes: Sequence[int], text_docs: str = "file",
-              read_pt: Callable | None = None, cache: bool = True):
-    """The training data once (sources.load), checked for every vocabulary the experiments use."""
-    from minigpt_jax import sources
+              readers=None, cache: bool = True):
+    """The training data once (data.load; readers: data.Readers), checked for every vocabulary
+    the experiments use."""
+    from minigpt_jax import data
 
     vocab_sizes = sorted(set(vocab_sizes))
-    if text_docs not in ("file", "block"):
-        raise RunError(f"--text-docs {text_docs!r}: expected file (one document per file) or block"
-                       " (one per blank-line-separated block)")
-    seqs = sources.load(path, vocab_sizes[-1], text_docs, read_pt or _pt_reader, cache)
+    seqs = data.load(path, vocab_sizes[-1], text_docs, readers or data.Readers(), cache)
     for vocab_size in vocab_sizes[:-1]:
         seqs.check(vocab_size)  # a smaller vocabulary than the largest is checked once more
     return seqs
 
 
-def _check(plan_: Plan, seqs, out: pathlib.Path, resume: bool, device_lists) -> dict:
-    """What the data, devices and checkpoints decide, before any training -> the seconds
-    that splitting and segmenting took, per data setting (data.prepare_key)."""
+def _check(plan_: Plan, seqs, opts: RunOptions) -> dict:
+    """What the data and checkpoints decide, before any training -> the seconds that
+    splitting and segmenting took, per data setting (data.prepare_key)."""
     from minigpt_jax import checkpoint, data, optim
 
     seconds = {}
     for name, c in plan_.configs.items():
-        if c.batch_size % len(device_lists[0]):
-            raise RunError(f"{name}: batch_size={c.batch_size} is not divisible by the"
-                           f" {len(device_lists[0])} data-parallel devices")
         t = time.perf_counter()
         prepared = data.prepare(seqs, c)  # once per data setting, shared by those that agree
         seconds.setdefault(data.prepare_key(c), time.perf_counter() - t)
         total = data.steps_per_epoch(len(prepared.train), c.batch_size) * c.max_epochs
         try:
-            optim.lr_shape(c, min(total, plan_.max_steps or total))  # the schedule fits the run
+            optim.lr_shape(c, min(total, opts.max_steps or total))  # the schedule fits the run
         except cfg.ConfigError as e:
             raise RunError(f"{name}: {e}") from None
-    if resume:
+    if opts.resume:
         try:
-            checkpoint.check_resumable(out, plan_.configs, seqs.fingerprint, seqs.source)
+            checkpoint.check_resumable(opts.out, plan_.configs, seqs.fingerprint, seqs.source)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"--resume: {e}") from None
     return seconds
 
 
-def run(
-    experiments: Sequence[str] | None = None,
-    *,
-    data: str | os.PathLike | None = None,
-    out: str | os.PathLike = REPO_OUT,
-    devices: Sequence[int] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    sweeps: Sequence = (),
-    max_steps: int | None = None,
-    resume: bool = False,
-    stack: bool = False,
-    data_parallel: bool = False,
-    concurrent: int = 1,
-    text_docs: str = "file",
-    cache: bool = True,
-    init_from: str | os.PathLike | None = None,
-    export_hf: bool = False,
-    writers: Callable | None = None,
-    read_pt: Callable | None = None,
-    read_bin: Callable | None = None,
-    on_result: Callable | None = None,
-    stop: threading.Event | None = None,
-    gpu_index: dict[int, int] | None = None,
-    command: str | None = None,
-    override_text: str = "",
-) -> list:
+def run(experiments: Sequence[str] | None = None, *, overrides: Mapping[str, Any] | None = None,
+        sweeps: Sequence = (), override_text: str = "", seeds: int = 1, out=REPO_OUT,
+        **options) -> list:
     """Train the experiments and write their outputs under `out` -> one loop.Result each.
 
-    devices: indices into jax.devices(), the PyTorch project's --devices rule (default: all
-    on the first device). concurrent: up to this many experiments at the same time on each
-    device. cache: read a .pt source through the token cache (sources.py). init_from: a local
-    Hugging Face GPT-2 folder every experiment starts from (hf.init_from; read_bin reads its
-    pytorch_model.bin, if that is what it holds). export_hf: write <out>/hf/<name>/, a
-    GPT2LMHeadModel folder, as each experiment finishes. writers(experiment): extra metric
-    writers (W&B). read_pt(path, vocab_size): the .pt reader (default: torch_compat's,
-    imported when a .pt is read). on_result(result):
-    called as each experiment finishes, after its curves (exports). stop: set it to save
-    and stop every experiment at its next block. gpu_index: host.restrict_gpus' index map.
+    experiments: names from config.EXPERIMENTS (default: all five, or baseline with sweeps);
+    overrides: field -> value for every experiment; sweeps: config.parse_sweeps' output;
+    seeds: each experiment trained with this many seeds (plan), stacked on its device unless
+    seeds_apart.
+    The other keyword arguments are options.RunOptions' fields, among them: data (a path;
+    default the embedded corpus), devices (indices into jax.devices(), the PyTorch project's
+    --devices rule; default all on the first device), max_steps, resume, stack, data_parallel,
+    concurrent (up to this many experiments at the same time on each device), text_docs,
+    cache (read a .pt source through the token cache, data/token_cache.py), init_from (a
+    local Hugging Face GPT-2 folder every experiment starts from; read_bin reads its
+    pytorch_model.bin, if that is what it holds), export_hf (write <out>/hf/<name>/ as each
+    experiment finishes), writers (experiment -> extra metric writers, e.g. W&B), read_pt
+    (path, vocab_size -> the .pt data: torch_compat.read_sequences) and read_bin
+    (torch_compat.read_numpy_state_dict: the library never imports torch_compat, so without
+    them a .pt or .bin is a one-line error), on_result (called as each experiment finishes,
+    after its curves), stop (set it to save and stop every experiment at its next block),
+    gpu_index (host.restrict_gpus' map), command (for the report).
     """
-    p = plan(experiments, overrides, sweeps, max_steps, override_text)
+    p = plan(experiments, overrides, sweeps, override_text, seeds)
+    opts = RunOptions(out=out, **options)
+    check(opts, p)
+    return execute(p, opts)
+
+
+def execute(p: Plan, opts: RunOptions) -> list:
+    """The run of a plan whose options passed `check`: devices, data, the checks that need
+    them, training and the outputs -> one loop.Result per experiment."""
     params, notes = {}, []
-    if init_from is not None:
-        p, params, notes = _init_from(p, init_from, read_bin)
-    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
-        raise RunError(f"--concurrent {concurrent!r}: expected a positive integer")
-    out = pathlib.Path(out)
-    check_out_dir(out)
+    if opts.init_from is not None:
+        p, params, notes = _init_from(p, opts.init_from, opts.readers)
     import jax
 
     from minigpt_jax import loop, placement
 
     lead = jax.process_index() == 0
+    devices = None if opts.devices is None else ",".join(map(str, opts.devices))
+    owners = list(dict.fromkeys(p.experiment(r) or r for r in p.experiments))  # seeds share one
     try:
-        lists, notice = placement.parse_devices(None if devices is None else ",".join(map(str, devices)),
-                                                len(p.experiments), data_parallel, gpu_index)
+        lists, notice = placement.parse_devices(devices, len(owners), opts.data_parallel,
+                                                opts.gpu_index)
     except ValueError as e:
         raise RunError(str(e)) from None
+    lists = [lists[owners.index(p.experiment(r) or r)] for r in p.experiments]
     if notice and lead:
         tqdm.write(f"run.py: {notice}", file=sys.stderr)
     for note in notes if lead else ():
-        tqdm.write(f"--init-from {init_from}: {note}", file=sys.stderr)
+        tqdm.write(f"--init-from {opts.init_from}: {note}", file=sys.stderr)
     t = time.perf_counter()
-    seqs = load_data(data, [c.vocab_size for c in p.configs.values()], text_docs, read_pt, cache)
+    seqs = load_data(opts.data, [c.vocab_size for c in p.configs.values()], opts.text_docs,
+                     opts.readers, opts.cache)
     data_seconds = time.perf_counter() - t
-    segment_seconds = _check(p, seqs, out, resume, lists)
+    exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint,
+                            experiment=p.experiment(name))
+            for (name, (c, text)), devs in zip(p.experiments.items(), lists)]  # batch splits
+    segment_seconds = _check(p, seqs, opts)
     if lead:  # after the checks: bad input stays one line
         tqdm.write(f"data: {seqs.describe()}, read and checked in {data_seconds:.1f} s; split and"
                    f" segmented in {sum(segment_seconds.values()):.1f} s", file=sys.stderr)
-    exps = [loop.Experiment(name, c, devs, text, params=params.get(name), data_id=seqs.fingerprint)
-            for (name, (c, text)), devs in zip(p.experiments.items(), lists)]
     phases = {"data": data_seconds, "segment": segment_seconds}
-    return _train(exps, seqs, out, p.max_steps, resume, stack, concurrent, writers, on_result, stop,
-                  phases, command, lead, export_hf)
+    return _train(exps, seqs, opts, phases, lead)
 
 
-def _init_from(p: Plan, hf_dir, read_bin) -> tuple[Plan, dict, list[str]]:
+def _init_from(p: Plan, hf_dir, readers) -> tuple[Plan, dict, list[str]]:
     """The plan with the folder's model shape and its initial params (hf.init_from)."""
     from minigpt_jax import hf
 
     try:
-        configs, params, notes = hf.init_from(hf_dir, p.configs, read_bin)
+        configs, params, notes = hf.init_from(hf_dir, p.configs, readers)
     except hf.HFError as e:  # every HFError of a folder starts with the folder's path
         raise hf.HFError(f"--init-from {e}") from None
     experiments = {name: (configs[name], ", ".join(filter(None, [text, f"init from {hf_dir}"])))
                    for name, (_, text) in p.experiments.items()}
-    return Plan(experiments, p.max_steps), params, notes
+    return Plan(experiments, p.groups), params, notes
 
 
-def _export_hf(out: pathlib.Path, r, seqs, command) -> None:
+def _export_hf(out: pathlib.Path, r, seqs, command: str | None) -> None:
     """<out>/hf/<name>/: the experiment as a GPT2LMHeadModel folder, or one line why not."""
     import jax
 
@@ -283,9 +300,10 @@ def _export_hf(out: pathlib.Path, r, seqs, command) -> None:
         tqdm.write(f"{r.name}: no hf/{r.name}/ ({e})", file=sys.stderr)
 
 
-def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_result, stop,
-           phases, command, lead, export_hf=False) -> list:
-    from minigpt_jax import data, parallel, plots, report, tables
+def _train(exps, seqs, opts: RunOptions, phases: dict, lead: bool) -> list:
+    from minigpt_jax import data, parallel, plots, report, seeds, tables
+
+    out = opts.out
 
     def finished(r) -> None:
         """Curves, then the exports, of an experiment as soon as it finishes."""
@@ -296,23 +314,28 @@ def _train(exps, seqs, out, max_steps, resume, stack, concurrent, writers, on_re
                                + r.phases.get("segment", 0.0))
         if lead and r.rows:
             plots.plot_experiment(out, r.name, r.rows, r.val_rows)
-        if lead and export_hf:
-            _export_hf(out, r, seqs, command)
-        if lead and on_result is not None:
-            on_result(r)
+        if lead and opts.export_hf:
+            _export_hf(out, r, seqs, opts.command)
+        if lead and opts.on_result is not None:
+            opts.on_result(r)
         r.phases["outputs"] = time.perf_counter() - t
 
     if lead:
         tqdm.write(f"run.py: {len(exps)} experiment(s) on {seqs.describe()}; writing to {out}", file=sys.stderr)
-    results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), out, max_steps, resume, stop,
-                               on_result=finished, stack=stack, writers=writers, concurrent=concurrent)
+    results = parallel.run_all(exps, lambda c: data.prepare(seqs, c), opts.replace(on_result=finished))
     if lead:
         t = time.perf_counter()
-        plots.plot_comparison(out, {r.name: (r.rows, r.val_rows) for r in results if r.rows})
-        tables.write_results_table(out, [tables.row(r) for r in results])
-        report.write_report(out, results, report.data_statistics(seqs, results), report.source_text(seqs),
-                            {"Command": f"`{command}`" if command else "runner.run from Python",
-                             "Resumed": "yes" if resume else "no", "Stacked": "yes" if stack else "no"})
+        curves = seeds.curves(results)  # experiment -> [(rows, val_rows) of each seed]
+        plots.plot_comparison(out, curves)
+        for name, runs in curves.items():
+            if len(runs) > 1:  # the experiment's mean over seeds, with its band
+                plots.plot_seeds(out, name, runs)
+        tables.write_results(out, results, opts.reference)
+        command = f"`{opts.command}`" if opts.command else "runner.run from Python"
+        report.write_report(out, results, report.data_statistics(seqs, results),
+                            report.source_text(seqs),
+                            {"Command": command, "Resumed": "yes" if opts.resume else "no",
+                             "Stacked": "yes" if opts.stack else "no"}, reference=opts.reference)
         for r in results:
             r.phases["outputs"] = r.phases.get("outputs", 0.0) + time.perf_counter() - t
             tqdm.write(f"  {r.name:<14} {r.status}; " + ", ".join(

@@ -18,7 +18,7 @@
   input, and an inactive variant's state is carried through unchanged (a
   select). A variant is inactive once it reaches its own last step (variants
   may differ in length) or once it failed (loop.py: failures end only their lane).
-- The training itself is loop.train, the driver a single experiment also runs,
+- The training itself is loop.drive, the driver a single experiment also runs,
   with `Stacked` as its program: checkpoints are per variant, sliced from one host
   copy of the stacked state, in the unstacked layout (`--resume`, generate.py and
   exports see an ordinary run). A stacked resume needs the unfinished variants'
@@ -29,20 +29,19 @@
 from __future__ import annotations
 
 import functools
-import pathlib
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from minigpt_jax import data, loop, optim, train
+from minigpt_jax import data, evaluation, loop, optim, train
 from minigpt_jax.config import Config, field_names
-from minigpt_jax.placement import Placement
+from minigpt_jax.options import RunOptions
+from minigpt_jax.program import Program
 
-VALUE_FIELDS = ("lr", "weight_decay", "seed", "max_epochs", "val_fraction")  # may differ in a stack
+VALUE_FIELDS = ("lr", "weight_decay", "seed", "data_seed", "max_epochs", "val_fraction")  # may differ
 _WHY = {  # field group -> why it must be equal
     ("vocab_size", "seq_len", "embed_dim", "n_heads", "n_layers", "ffn_mult", "batch_size"):
         "different shapes (params, optimizer state and batches are stacked along one axis)",
@@ -118,43 +117,42 @@ def stacked_steps(state, batches_KVBL, rngs_V, active_KV):
 # --- the program the driver runs, and the checks before it -----------------------------
 
 
-class Stacked:
-    """V variants' program for the driver (loop.train): the vmapped step on one device."""
-
-    def __init__(self, place: Placement, fuse: bool):
-        self.place, self.fuse = place, fuse
+class Stacked(Program):
+    """V variants' program for the driver (loop.drive): the vmapped step on one device."""
 
     def start(self, states: list, configs: list[Config]):
         keys = jnp.stack([jax.random.PRNGKey(c.seed + 1) for c in configs])
         return self.place.put(stack_states(states)), self.place.put(keys)
 
     def dispatch(self, state, rngs, batches_KVBL: np.ndarray, n: int, active_KV: np.ndarray):
-        """n stacked steps, each active variant on its own batch -> (state, device metrics)."""
         if self.fuse:
-            return stacked_steps(state, self.place.put(batches_KVBL), rngs, self.place.put(active_KV))
+            return stacked_steps(state, self.place.put(batches_KVBL), rngs,
+                                 self.place.put(active_KV))
         out = []
         for i in range(n):
-            state, m = stacked_step(state, self.place.put(batches_KVBL[i]), rngs, self.place.put(active_KV[i]))
+            state, m = stacked_step(state, self.place.put(batches_KVBL[i]), rngs,
+                                    self.place.put(active_KV[i]))
             out.append(m)
         return state, out
 
-    def host(self, dev, n: int) -> dict:
-        """The device metrics of n steps as host arrays of shape (n, V) (waits)."""
-        got = jax.device_get(dev)
-        if isinstance(got, list):
-            return {k: np.stack([g[k] for g in got]) for k in got[0]}
-        return {k: np.asarray(v)[:n] for k, v in got.items()}
-
     def lane(self, state, v: int):
         return variant(state, v)
+
+    def evaluate(self, state, lanes: list[int], batches: list[list[np.ndarray]], group: int,
+                 progress=None) -> list[evaluation.Evaluation]:
+        """Every listed lane in one vmapped program (evaluation.evaluate_stack): the stack's
+        final evaluation is one pass over the batches, not one per variant."""
+        if len(lanes) == 1:
+            return super().evaluate(state, lanes, batches, group, progress)
+        own = dict(zip(lanes, batches))
+        every = [own.get(v, []) for v in range(len(state.step))]
+        got = evaluation.evaluate_stack(state, every, self.place, group, progress)
+        return [got[v] for v in lanes]
 
     def for_saving(self, state) -> list:
         """Every variant's state, sliced from one host copy of the stacked state."""
         host = jax.device_get(state)
         return [variant(host, v) for v in range(len(host.step))]
-
-    def put(self, host_state):
-        return self.place.put(host_state)
 
 
 def check(experiments: Sequence[loop.Experiment], preps: Sequence[data.Prepared],
@@ -179,39 +177,33 @@ def check(experiments: Sequence[loop.Experiment], preps: Sequence[data.Prepared]
                          f" length is static; steps: {', '.join(map(str, totals))})")
 
 
-def run_stacked(
-    experiments: list[loop.Experiment],
-    prepared: data.Prepared | Sequence[data.Prepared],
-    out_dir: pathlib.Path,
-    max_steps: int | None = None,
-    resume: bool = False,
-    position: int = 0,
-    stop: threading.Event | None = None,
-    fuse: bool | None = None,
-    extra_writers: Callable | None = None,
-) -> list[loop.Result]:
+def run_stacked(experiments: list[loop.Experiment],
+                prepared: data.Prepared | Sequence[data.Prepared],
+                opts: RunOptions) -> list[loop.Result]:
     """Train the experiments as one stack on their shared device -> their Results, in order.
 
     prepared: one Prepared for all, or one per experiment (a variant runs as if alone only
-    on its own: the held-out split depends on the seed). The rest as loop.train.
+    on its own: the held-out split depends on the seed). The rest as loop.drive.
     """
     preps = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared] * len(experiments)
-    check(experiments, preps, max_steps)
-    return loop.train(experiments, preps, out_dir, max_steps, resume, position, stop, Stacked, fuse,
-                      extra_writers)
+    check(experiments, preps, opts.max_steps)
+    return loop.drive(experiments, preps, opts, Stacked)
 
 
 # --- sweeps: stacks on their devices ----------------------------------------------------
 
 
-def groups(experiments: Sequence[loop.Experiment]) -> list[list[int]]:
-    """Indices of the experiments, grouped into stacks: same device(s) and stackable with the
-    group's first, in input order. A group of one runs unstacked."""
+def groups(experiments: Sequence[loop.Experiment], key=None) -> list[list[int]]:
+    """Indices of the experiments, grouped into stacks: same device(s), the same `key`
+    (experiment -> a value; default: any) and stackable with the group's first, in input order.
+    A group of one runs unstacked."""
     out: list[list[int]] = []
+    same = key or (lambda e: None)
     for i, e in enumerate(experiments):
         for g in out:
             first = experiments[g[0]]
-            if first.devices == e.devices and len(e.devices) == 1 and stackable([first.config, e.config])[0]:
+            if (first.devices == e.devices and len(e.devices) == 1 and same(first) == same(e)
+                    and stackable([first.config, e.config])[0]):
                 g.append(i)
                 break
         else:

@@ -134,8 +134,19 @@ def eval_step(state: TrainState, batch: jax.Array) -> dict:
     return _eval(state, batch)
 
 
+def _evals(state: TrainState, batches_KBL: jax.Array) -> dict:
+    _, m = lax.scan(lambda c, b: (c, _eval(state, b)), None, batches_KBL)
+    return m
+
+
 @jax.jit
 def eval_steps(state: TrainState, batches_KBL: jax.Array) -> dict:
     """eval_step over (K, B, L) batches in one dispatch -> arrays of (K, B)."""
-    _, m = lax.scan(lambda c, b: (c, _eval(state, b)), None, batches_KBL)
-    return m
+    return _evals(state, batches_KBL)
+
+
+@jax.jit
+def stacked_eval_steps(state_V: TrainState, batches_VKBL: jax.Array) -> dict:
+    """eval_steps of V stacked states (stack.py), each over its own (K, B, L) batches, in one
+    dispatch -> arrays of (V, K, B)."""
+    return jax.vmap(_evals)(state_V, batches_VKBL)

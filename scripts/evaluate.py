@@ -19,15 +19,9 @@ Exit codes: 0 evaluated; 2 bad input.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
-import pathlib
 import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +88,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch_compat
     from minigpt_jax import config as cfg
-    from minigpt_jax import hf, models, runner
+    from minigpt_jax import data, hf, trained
 
     try:
         if args.max_batches is not None and args.max_batches < 0:
@@ -108,15 +102,13 @@ def main(argv=None) -> int:
                 f"--set {shape[0]}: the model's shape comes from the checkpoint;"
                 " expected fields that decide the split and batches"
             )
-        params, config, notes = models.load(
-            args.checkpoint,
-            seq_len=overrides.pop("seq_len", None),
-            read_pt=functools.partial(torch_compat.load_params, n_heads=args.n_heads),
-            read_bin=torch_compat.read_numpy_state_dict,
+        readers = torch_compat.readers(args.n_heads)
+        params, config, notes = trained.load(
+            args.checkpoint, readers=readers, seq_len=overrides.pop("seq_len", None)
         )
         config = config.replace(**overrides)
-        seqs = runner.load_data(args.data, [config.vocab_size], args.text_docs)
-        e = models.evaluate(
+        seqs = data.load(args.data, config.vocab_size, args.text_docs, readers)
+        e = trained.score(
             params,
             config,
             seqs,

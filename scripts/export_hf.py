@@ -13,14 +13,9 @@ export (which is replaced). Exit codes: 0 written; 2 bad input, nothing written.
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import shlex
 import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def card(checkpoint: pathlib.Path, argv) -> dict:
@@ -55,18 +50,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch_compat
-    from minigpt_jax import hf, models
+    from minigpt_jax import hf, trained
 
     path = pathlib.Path(args.checkpoint)
     try:
         if hf.is_hf_folder(path):
-            raise models.ModelError(
+            raise trained.ModelError(
                 f"{path}: already a Hugging Face folder; expected an Orbax"
                 " checkpoint or a .pt state dict"
             )
-        params, config, _ = models.load(
-            path, read_pt=functools.partial(torch_compat.load_params, n_heads=args.n_heads)
-        )
+        params, config, _ = trained.load(path, readers=torch_compat.readers(args.n_heads))
         out = hf.export(params, config, args.out, card(path, argv))
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
         print(f"export_hf.py: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 CHECKPOINT is outcome/checkpoints/<name> (its latest step) or one step folder.
 The result loads into the PyTorch project's own model (or
 torch_compat.reference.MiniGPT) with `model.load_state_dict(torch.load(OUT,
-weights_only=True), strict=True)`; its keys are the SPEC's state-dict contract.
+weights_only=True), strict=True)`; its keys are docs/spec.md's State dict.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@ Examples:
   python scripts/generate.py --checkpoint outcome/checkpoints/baseline --prompt "The list"
   python scripts/generate.py --checkpoint outcome/mini_gpt_baseline.pt --prompt "Return the" \\
       --temperature 0.8 --top-k 40 --seed 1
-  python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" --temperature 0
+  python scripts/generate.py --checkpoint outcome/checkpoints/baseline/120 --prompt "x" \\
+      --temperature 0
 
 Prints the prompt followed by its continuation. The same seed gives the same
 text; --temperature 0 is greedy. Prompts longer than the model's seq_len
@@ -20,11 +21,7 @@ import math
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from minigpt_jax.config import VOCAB_SIZE  # noqa: E402
+from minigpt_jax.config import VOCAB_SIZE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="an Orbax experiment folder (outcome/checkpoints/<name>: its latest step),"
-                        " one of its step folders, or a PyTorch state dict file ending in .pt")
+                        " one of its step folders, a Hugging Face GPT-2 folder, or a PyTorch"
+                        " state dict file ending in .pt")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (GPT-2 BPE)")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
                    help="tokens to generate, >= 1 (default: %(default)s)")
@@ -46,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"sample only among the K most likely tokens, 0 <= K <= {VOCAB_SIZE};"
                         " 0 is no filter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="sampling seed in [0, 2**32); the same seed gives the same text (default: %(default)s)")
+                   help="sampling seed in [0, 2**32); the same seed gives the same text"
+                        " (default: %(default)s)")
     p.add_argument("--n-heads", type=int, default=4, metavar="H",
                    help="attention heads of a .pt state dict, which its shapes do not record"
                         " (default: %(default)s); Orbax checkpoints store their own config")
@@ -77,23 +76,17 @@ def check(args: argparse.Namespace) -> None:
 
 
 def load(path: pathlib.Path, n_heads: int):
-    """(params, config) of an Orbax checkpoint folder or a .pt state dict."""
-    if path.is_file():
-        if path.suffix != ".pt":
-            fail(f"--checkpoint {path}: a file, but not a .pt state dict;"
-                 " expected a .pt file or an Orbax checkpoint folder")
-        import torch_compat  # lazily: only .pt files need torch
-
-        try:
-            return torch_compat.load_params(path, n_heads=n_heads)
-        except (torch_compat.StateDictError, torch_compat.TorchMissingError, ValueError) as e:
-            fail(str(e))
-    from minigpt_jax import checkpoint
+    """(params, config) of an Orbax checkpoint, a Hugging Face folder or a .pt state dict
+    (trained.load, with torch_compat's readers: torch is imported only for a .pt or .bin)."""
+    import torch_compat
+    from minigpt_jax import checkpoint, trained
 
     try:
-        params, config, _ = checkpoint.load_params(path)
+        params, config, _ = trained.load(path, readers=torch_compat.readers(n_heads))
     except checkpoint.CheckpointError as e:
         fail(f"--checkpoint {e}")
+    except (ValueError, ImportError) as e:  # the library's one-line errors
+        fail(str(e))
     return params, config
 
 

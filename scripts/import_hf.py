@@ -16,10 +16,6 @@ import argparse
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
@@ -59,7 +55,7 @@ def main(argv=None) -> int:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose a new folder")
         params, config, notes = hf.load(
-            args.hf_dir, overrides.pop("seq_len", None), read_bin=torch_compat.read_numpy_state_dict
+            args.hf_dir, overrides.pop("seq_len", None), readers=torch_compat.readers()
         )
         config = config.replace(**overrides)
         checkpoint.save(

@@ -16,17 +16,15 @@ import argparse
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="import_state_dict.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("state_dict", help="the .pt file to read (loaded with weights_only=True)")
-    p.add_argument("checkpoint", help="the experiment folder to write, e.g. outcome/checkpoints/imported")
-    p.add_argument("--n-heads", type=int, default=4, help="attention heads of the model (default: 4)")
+    p.add_argument("checkpoint",
+                   help="the experiment folder to write, e.g. outcome/checkpoints/imported")
+    p.add_argument("--n-heads", type=int, default=4,
+                   help="attention heads of the model (default: 4)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="training fields for the checkpoint's config (lr, batch_size, ...)")
     args = p.parse_args(argv)
@@ -49,8 +47,8 @@ def main(argv=None) -> int:
             torch_compat.TorchMissingError, OSError) as e:
         print(f"import_state_dict.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers}, n_heads {config.n_heads},"
-          f" vocab_size {config.vocab_size}")
+    print(f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers},"
+          f" n_heads {config.n_heads}, vocab_size {config.vocab_size}")
     return 0
 
 

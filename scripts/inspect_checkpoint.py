@@ -2,8 +2,9 @@
 
 PATH is an experiment folder (outcome/checkpoints/<name>, its latest step is
 shown) or one step folder (outcome/checkpoints/<name>/<step>). Prints the step,
-the config, every parameter with shape, dtype and count, the totals, a summary
-of the optimizer state and the size on disk.
+the config and progress records, every parameter with shape, dtype and count, the
+totals, a summary of the optimizer state and the size on disk. It reads the
+checkpoint as minigpt_jax.checkpoint lays it out (checkpoint.read_saved).
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -25,50 +22,34 @@ def human(n: float) -> str:
         n /= 1024
 
 
-def flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from flat(tree[k], f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from flat(v, f"{prefix}[{i}]")
-    elif tree is not None:
-        yield prefix, tree
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("path", help="outcome/checkpoints/<name> or outcome/checkpoints/<name>/<step>")
     args = p.parse_args(argv)
 
+    import jax
     import numpy as np
-    import orbax.checkpoint as ocp
+    from flax.traverse_util import flatten_dict
 
-    from minigpt_jax.checkpoint import CheckpointError, locate
+    from minigpt_jax.checkpoint import CheckpointError, read_saved
 
     try:
-        directory, step = locate(pathlib.Path(args.path))
-        mngr = ocp.CheckpointManager(directory)
-        got = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        saved = read_saved(pathlib.Path(args.path))
     except CheckpointError as e:
         print(f"inspect_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        print(f"inspect_checkpoint.py: error: {args.path}: not a readable minigpt_jax checkpoint"
-              f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
-        return 2
-    state, config = got["state"], got["config"]
-    step_dir = directory / str(step)
-    size = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+    state = saved.state
+    size = sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
 
-    print(f"checkpoint  {step_dir}")
-    print(f"step        {int(np.asarray(state['step']))}   (saved steps: {', '.join(map(str, mngr.all_steps()))})")
+    print(f"checkpoint  {saved.path}")
+    print(f"step        {int(np.asarray(state['step']))}"
+          f"   (saved steps: {', '.join(map(str, saved.steps))})")
     print(f"size        {human(size)} on disk")
-    print("config      " + json.dumps(config, sort_keys=True))
+    print("config      " + json.dumps(saved.config, sort_keys=True))
+    print("progress    " + json.dumps(saved.progress, sort_keys=True))
     print()
-    params = list(flat(state["params"]))
+    params = sorted(flatten_dict(state["params"], sep=".").items())
     width = max(len(n) for n, _ in params)
     print(f"{'parameter':<{width}}  {'shape':<16} {'dtype':<8} {'count':>12}")
     total = 0
@@ -79,23 +60,25 @@ def main(argv=None) -> int:
     nbytes = sum(np.asarray(x).nbytes for _, x in params)
     print(f"{'total':<{width}}  {len(params)} tensors{'':<7} {'':<8} {total:>12,}  ({human(nbytes)})")
     print()
-    opt = list(flat(state["opt_state"]))
-    opt_count = sum(np.asarray(x).size for _, x in opt)
+    # optax's state holds tuples (saved as lists), which flatten_dict does not enter: jax's paths
+    opt = [(jax.tree_util.keystr(k, simple=True, separator="."), np.asarray(x))
+           for k, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])]
+    opt_count = sum(x.size for _, x in opt)
     print(f"optimizer   AdamW state: {len(opt)} arrays, {opt_count:,} numbers"
-          f" ({human(sum(np.asarray(x).nbytes for _, x in opt))})")
+          f" ({human(sum(x.nbytes for _, x in opt))})")
     for name, x in opt:
-        x = np.asarray(x)
         if x.size == 1:
             print(f"  {name} = {x.item()}")
     moments = {}
     for name, x in opt:
         for m in ("mu", "nu"):
             if f".{m}." in f".{name}.":
-                moments.setdefault(m, []).append(np.asarray(x))
+                moments.setdefault(m, []).append(x)
     for m, xs in sorted(moments.items()):
         flat_x = np.concatenate([x.ravel() for x in xs])
         label = "first moment (mu)" if m == "mu" else "second moment (nu)"
-        print(f"  {label}: {flat_x.size:,} numbers, mean |x| {np.abs(flat_x).mean():.3e}, max |x| {np.abs(flat_x).max():.3e}")
+        print(f"  {label}: {flat_x.size:,} numbers, mean |x| {np.abs(flat_x).mean():.3e},"
+              f" max |x| {np.abs(flat_x).max():.3e}")
     return 0
 
 

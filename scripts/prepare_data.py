@@ -19,14 +19,9 @@ Exit codes: 0 written; 2 bad input (nothing written).
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from minigpt_jax import config as cfg  # noqa: E402
+from minigpt_jax import config as cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,22 +43,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from minigpt_jax import sources, token_cache
-    from torch_compat.data import read_sequences
+    import torch_compat
+    from minigpt_jax import data
 
     try:
-        seqs = sources.load(args.path, args.vocab_size, args.text_docs, read_pt=read_sequences,
-                            cache=False)
-        file = token_cache.write_prepared(seqs, args.out_dir)
-    except (sources.DataError, ImportError) as e:
+        seqs = data.load(args.path, args.vocab_size, args.text_docs, torch_compat.readers(),
+                         cache=False)
+        file = data.write_prepared(seqs, args.out_dir)
+    except (data.DataError, ImportError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"prepare_data.py: error: {args.out_dir}: cannot write ({e.strerror or e});"
               " expected a writable folder", file=sys.stderr)
         return 2
-    print(f"prepare_data.py: {seqs.describe()} -> {file} ({sources.storage_dtype(seqs.tokens)} tokens,"
-          f" {seqs.fingerprint[:19]})", file=sys.stderr)
+    print(f"prepare_data.py: {seqs.describe()} -> {file}"
+          f" ({data.storage_dtype(seqs.tokens)} tokens, {seqs.fingerprint[:19]})",
+          file=sys.stderr)
     return 0
 
 

@@ -8,17 +8,15 @@ checkpoints/<name>/ (Orbax) and mini_gpt_<name>.pt (docs/options.md).
 
 Examples:
   python scripts/run.py                                   # all five, default corpus
-  python scripts/run.py --devices 1,2,3,4,5               # experiment i on jax.devices()[devices[i]]
-  python scripts/run.py --only lr_1e-3                    # one experiment, as in run_experiments.py
+  python scripts/run.py --devices 1,2,3,4,5               # experiment i on the i-th device
+  python scripts/run.py --only lr_1e-3                    # one, as in run_experiments.py
   python scripts/run.py --experiments baseline --max-steps 20 --data data/
-  python scripts/run.py --set seq_len=128 --set lr=3e-4
   python scripts/run.py --sweep lr=1e-3,3e-4 --sweep batch_size=16,64  # a 2x2 grid over baseline
-  python scripts/run.py --data my_texts/ --set lr_schedule=cosine --set warmup_steps=100
+  python scripts/run.py --experiments baseline,lr_1e-3 --seeds 3  # mean, spread, paired tests
   python scripts/run.py --resume                          # continue from the latest checkpoints
   python scripts/run.py --only baseline --export hf       # also outcome/hf/baseline/ (transformers)
   python scripts/run.py --only baseline --init-from ~/gpt2  # fine-tune a local GPT-2 folder
-  python scripts/run.py --data-parallel --devices 0,1,2,3 # each experiment's batches split over 4 devices
-  python scripts/run.py --data-parallel --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
+  python scripts/run.py --data-parallel --devices 0,1,2,3 # each batch split over 4 devices
 
 Exit codes: 0 all finished; 1 an experiment failed; 2 bad input; 130 stopped by a signal.
 """
@@ -33,12 +31,10 @@ import signal
 import sys
 import threading
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from minigpt_jax import config as cfg
+from minigpt_jax import runner
 
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax import runner  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the default --out is its outcome/
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,9 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--experiments", metavar="A,B,...", help="experiments to run (default: all: "
         + ",".join(cfg.EXPERIMENTS) + "; with --sweep: baseline)")
     add("--only", metavar="NAME", help="one experiment, or 'all' (the PyTorch project's flag)")
-    add("--devices", metavar="I,J,...", help="indices into jax.devices(): experiment i on the i-th,"
-        " cycling; indices that do not exist are left out; none left: every device (default: all"
-        " on the first device)")
+    add("--devices", metavar="I,J,...", help="indices into jax.devices(): experiment i on the"
+        " i-th, cycling; indices that do not exist are left out; none left: every device"
+        " (default: all on the first device)")
     add("--concurrent", default="1", metavar="N", help="up to N experiments at the same time on"
         " each device (default: %(default)s: one after another; docs/gpus.md)")
     add("--data", metavar="PATH", help="tokenized_data.pt, sample_dataset.pt or a folder of one"
@@ -61,18 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         " file, or per blank-line-separated block (default: %(default)s)")
     add("--out", default=str(REPO / "outcome"), help="output folder (default: outcome/)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, repeatable (docs/options.md); keys: " + ", ".join(cfg.field_names()))
+        help="override a config field, repeatable (docs/options.md); keys: "
+        + ", ".join(cfg.field_names()))
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="run every value"
         " of KEY (repeatable: the grid), named as the PyTorch project does: lr_1e-3")
     add("--stack", action="store_true", help="train experiments that share a device and differ"
         " only in lr, weight_decay, seed, max_epochs, val_fraction as one vmapped program")
     add("--export", choices=["hf"], action="append", default=[], help="also write each finished"
-        " experiment as a Hugging Face GPT2LMHeadModel folder, <out>/hf/<name>/ (docs/huggingface.md)")
+        " experiment as a GPT2LMHeadModel folder, <out>/hf/<name>/ (docs/huggingface.md)")
     add("--init-from", metavar="HF_DIR", help="start every experiment from a local Hugging Face"
         " GPT-2 folder's weights; the model's shape comes from it (docs/huggingface.md)")
     add("--wandb", metavar="PROJECT", help="also log metrics to Weights & Biases (needs wandb)")
     add("--max-steps", metavar="N", help="stop each experiment after N steps (default: max_epochs)")
     add("--seed", metavar="S", help="shorthand for --set seed=S")
+    add("--seeds", default="1", metavar="N", help="every experiment with seeds S..S+N-1, stacked"
+        " on its device (runs <name>_seed<s>): mean, spread and paired tests (docs/options.md)")
+    add("--seeds-apart", action="store_true", help="with --seeds: one seed after another")
+    add("--reference", metavar="NAME", help="compare with this experiment (default: baseline)")
     add("--data-parallel", action="store_true", help="one experiment at a time, each batch split"
         " over all --devices (of every process)")
     add("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
@@ -91,84 +92,59 @@ def fail(message: str) -> int:
     return 2
 
 
-def export_state_dict(out: pathlib.Path, r) -> None:
-    """outcome/mini_gpt_<name>.pt (the users' contract), or one notice without torch."""
-    from tqdm.auto import tqdm
-
-    if r.state is None:
-        return
-    try:
-        import torch_compat
-
-        torch_compat.require_torch(f"exporting mini_gpt_{r.name}.pt")
-    except ImportError as e:
-        tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({str(e).splitlines()[0]})")
-        return
-    import jax
-
-    try:
-        torch_compat.save_state_dict(jax.device_get(r.state.params), out / f"mini_gpt_{r.name}.pt", r.config)
-    except torch_compat.StateDictError as e:  # a model their model.py cannot compute: skipped, never wrong
-        tqdm.write(f"{r.name}: no mini_gpt_{r.name}.pt ({e})")
-
-
-def read_bin(path):
-    """A Hugging Face folder's pytorch_model.bin, read with torch (weights_only)."""
-    import torch_compat
-
-    return torch_compat.read_numpy_state_dict(path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch_compat
     from minigpt_jax import host, placement
+    from minigpt_jax.options import RunOptions
+    from torch_compat.export import export_result
 
-    try:
+    out = pathlib.Path(args.out)
+    try:  # everything that needs no JAX, checked once, before JAX starts
         overrides = cfg.parse_overrides(args.overrides)
         if args.seed is not None:
             overrides["seed"] = cfg.parse_value("seed", args.seed)
         sweeps = cfg.parse_sweeps(args.sweep)
         names = runner.experiment_names(args.only, args.experiments, sweeps)
-        plan = runner.plan(names, overrides, sweeps, runner.positive_int("--max-steps", args.max_steps))
+        plan = runner.plan(names, overrides, sweeps, ", ".join(args.overrides),
+                           runner.positive_int("--seeds", args.seeds))
         devices = placement.device_indices(args.devices) if args.devices is not None else None
-        concurrent = runner.positive_int("--concurrent", args.concurrent)
-        writers = runner.wandb_writers(args.wandb)
-        runner.check_out_dir(pathlib.Path(args.out))
+        stop = threading.Event()
+        opts = RunOptions(
+            out=out, max_steps=runner.positive_int("--max-steps", args.max_steps),
+            resume=args.resume, stop=stop, stack=args.stack, seeds_apart=args.seeds_apart,
+            reference=args.reference, concurrent=runner.positive_int("--concurrent",
+                                                                     args.concurrent),
+            writers=runner.wandb_writers(args.wandb), on_result=lambda r: export_result(out, r),
+            data=args.data, text_docs=args.text_docs, cache=not args.no_cache,
+            read_pt=torch_compat.read_sequences, read_bin=torch_compat.read_numpy_state_dict,
+            init_from=args.init_from, devices=devices, data_parallel=args.data_parallel,
+            export_hf="hf" in args.export,
+            command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]))
+        runner.check(opts, plan)
     except (cfg.ConfigError, ValueError) as e:  # RunError is a ValueError
         return fail(str(e))
     # Before JAX starts: keep it off the GPUs --devices does not list, preallocating nothing.
     restriction = host.restrict_gpus(devices, os.environ, host.cuda_installed(), host.gpu_count())
     os.environ.update(restriction.env)
     host.enable_compilation_cache()
-    from minigpt_jax import checkpoint, sources
+    from minigpt_jax import checkpoint, data
 
-    stop = threading.Event()
     signal.signal(signal.SIGINT, lambda s, f: on_signal(stop, s))
     signal.signal(signal.SIGTERM, lambda s, f: on_signal(stop, s))
-    out = pathlib.Path(args.out)
     try:
         host.init_distributed(args.coordinator, args.num_processes, args.process_id)
         import jax
 
-        host.tune_host_allocator(jax.default_backend())  # before the first computation: BENCHMARKS.md
-        results = runner.run(
-            names, data=args.data, out=out, devices=devices,
-            overrides=overrides, sweeps=sweeps, max_steps=plan.max_steps, resume=args.resume,
-            stack=args.stack, data_parallel=args.data_parallel, concurrent=concurrent,
-            text_docs=args.text_docs, cache=not args.no_cache, init_from=args.init_from,
-            export_hf="hf" in args.export, read_bin=read_bin, writers=writers, stop=stop,
-            on_result=lambda r: export_state_dict(out, r), gpu_index=restriction.index,
-            command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]),
-            override_text=", ".join(args.overrides))
-    except (cfg.ConfigError, sources.DataError, checkpoint.CheckpointError, ValueError,
+        host.tune_host_allocator(jax.default_backend())  # before the first computation
+        results = runner.execute(plan, opts.replace(gpu_index=restriction.index))
+    except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
             ImportError) as e:  # the library's one-line errors: bad input
         return fail(str(e))
     except KeyboardInterrupt:
-        # Leave now, without waiting for the experiments' threads: plots and tables are written
-        # to a temporary name and renamed, every checkpoint commits by a rename, and a metrics
-        # file's torn last row is cut when --resume continues from the checkpoints.
-        print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues from them)",
-              file=sys.stderr, flush=True)
+        # Leave now: every output commits by a rename; --resume cuts a torn metrics row
+        print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues"
+              " from them)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
     print(f"run.py: results in {out}/results_table.txt", file=sys.stderr)
@@ -185,13 +161,16 @@ def on_signal(stop: threading.Event, signum) -> None:
           " (send again to abort)", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The command. Bad input leaves without the interpreter's shutdown, where tensorstore
+    reads in flight from a refused checkpoint print tracebacks after the one line that matters."""
     code = main()
     if code == 2:
-        # Bad input: nothing was trained or written. Leave without the interpreter's
-        # shutdown, where tensorstore reads still in flight from a refused checkpoint
-        # print "Event loop is closed" tracebacks after the one line that matters.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -28,12 +28,10 @@ import subprocess
 import sys
 import threading
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from minigpt_jax import config as cfg
+from minigpt_jax import runner, tune
 
-from minigpt_jax import config as cfg  # noqa: E402
-from minigpt_jax import runner, tune  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the default --out is under its outcome/
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +96,7 @@ def check(args) -> dict:
     enqueue = tune.parse_enqueue(args.enqueue, space, args.only, overrides)
     corner = {k: p.choices[0] if p.kind == "categorical" else p.low for k, p in space.items()}
     max_steps = runner.positive_int("--max-steps", args.max_steps)
-    runner.plan([args.only], {**overrides, **corner}, max_steps=max_steps)
+    runner.plan([args.only], {**overrides, **corner})
     out = pathlib.Path(args.out)
     runner.check_out_dir(out)
     if args.data is not None and not pathlib.Path(args.data).exists():
@@ -124,13 +122,6 @@ def open_study(args, c):
     return study
 
 
-def export_state_dict(folder: pathlib.Path, r) -> None:
-    """mini_gpt_<name>.pt in the trial's folder, as run.py writes it."""
-    import run  # scripts/run.py, beside this file
-
-    run.export_state_dict(folder, r)
-
-
 def work_here(args, c, study, stop: threading.Event) -> None:
     """This process is the study's one worker: JAX on the chosen device only."""
     from minigpt_jax import host
@@ -142,9 +133,13 @@ def work_here(args, c, study, stop: threading.Event) -> None:
     import jax
 
     host.tune_host_allocator(jax.default_backend())
+    import torch_compat
+    from torch_compat.export import export_result  # mini_gpt_<name>.pt, as run.py writes it
+
     job = tune.Job(args.only, c["overrides"], c["space"], c["out"], c["max_steps"], {
         "data": args.data, "devices": devices, "gpu_index": restriction.index,
-        "text_docs": args.text_docs, "cache": not args.no_cache}, export=export_state_dict)
+        "text_docs": args.text_docs, "cache": not args.no_cache,
+        "read_pt": torch_compat.read_sequences}, export=export_result)
     tune.work(study, job, c["trials"], stop)
 
 
@@ -189,13 +184,13 @@ def main(argv=None) -> int:
     if c["devices"] is not None and len(c["devices"]) > 1 and not args.worker:
         code = spawn_workers(args, c, argv, stop)
     else:
-        from minigpt_jax import checkpoint, sources
+        from minigpt_jax import checkpoint, data
 
         signal.signal(signal.SIGINT, lambda s, f: stop.set())
         signal.signal(signal.SIGTERM, lambda s, f: stop.set())
         try:
             work_here(args, c, study, stop)
-        except (cfg.ConfigError, sources.DataError, checkpoint.CheckpointError, ValueError,
+        except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
                 ImportError) as e:  # bad input the first trial found (its trial is queued again)
             return fail(str(e))
     if args.worker:
@@ -213,8 +208,14 @@ def main(argv=None) -> int:
     return 130 if stop.is_set() else code
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The command (minigpt-tune). It leaves without the interpreter's shutdown, where
+    tensorstore reads still in flight print tracebacks after the line that matters."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # leave without the interpreter's shutdown (tensorstore's late tracebacks)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entry()

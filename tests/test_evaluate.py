@@ -1,20 +1,18 @@
 """scripts/evaluate.py: a run's own validation loss, and the reference models' numbers."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
-from minigpt_jax import evaluation, models, sources  # noqa: E402
+from minigpt_jax import data, evaluation, trained  # noqa: E402
 from minigpt_jax.config import Config  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {
     "embed_dim": 32,
     "n_heads": 2,
@@ -26,11 +24,7 @@ SMALL = {
 
 
 def evaluate_main(capsys, *argv) -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", REPO / "scripts" / "evaluate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate")
     capsys.readouterr()  # what ran before
     assert module.main([*map(str, argv), "--json"]) == 0
     return json.loads(capsys.readouterr().out)
@@ -40,7 +34,7 @@ def reference_loss(logits_of, config: Config, max_batches: int) -> float:
     """The loss a PyTorch model computes on the batches evaluate.py takes (training's split)."""
     from torch_compat.reference import masked_lm_loss
 
-    rows = models.segments(sources.default_corpus(config.vocab_size), config, "val")
+    rows = trained.segments(data.default_corpus(config.vocab_size), config, "val")
     total = count = 0.0
     for batch in evaluation.final_batches(rows, max_batches, config.batch_size, config.seed):
         with torch.no_grad():
@@ -140,11 +134,7 @@ def test_split_all_takes_every_segment_and_bad_input_is_one_line(tmp_path, capsy
     every = evaluate_main(capsys, *base, "--split", "all")
     # 20 blocks of 32..128 tokens, each one segment (kept whole, truncated); 1 held out
     assert (val["segments"], every["segments"]) == (1, 20)
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", REPO / "scripts" / "evaluate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate")
     for argv, fact in [
         (["--checkpoint", tmp_path / "none"], "no such file or folder"),
         (["--checkpoint", tmp_path / "m.pt", "--set", "n_layers=3"], "--set n_layers"),

@@ -1,12 +1,9 @@
-import importlib.util
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_script, run_script
 
 from minigpt_jax import checkpoint, tokenizer
 from minigpt_jax import generate as gen
@@ -14,8 +11,6 @@ from minigpt_jax.config import PAD_TOKEN_ID, Config
 from minigpt_jax.model import MiniGPT, init_params
 from minigpt_jax.train import create_state
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "generate.py"
 N_NEW = 20
 
 
@@ -158,10 +153,7 @@ def saved(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("generate")
 
 
 def run_main(script, argv, capsys):
@@ -224,7 +216,6 @@ def test_script_errors_are_one_line_exit_2(saved, script, capsys, argv, message)
 
 
 def test_script_error_from_a_fresh_process_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(tmp_path), "--prompt", "Hi"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("generate.py", "--checkpoint", tmp_path, "--prompt", "Hi", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("generate.py: error: --checkpoint ") and r.stderr.count("\n") == 1, r.stderr

@@ -1,14 +1,11 @@
-"""scripts/gpu_check.py --cpu-smoke: every section of the GPU check runs on the CPU, tiny, so
-the check cannot rot between GPU loans (issue 20). One subprocess, about a minute."""
+"""python -m benchmarks.gpu_check --cpu-smoke: every section of the GPU check runs on the CPU,
+tiny, so the check cannot rot between GPU loans. One subprocess, about a minute."""
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_script, script_env
+
 SECTIONS = ("correctness", "step", "harness", "concurrent", "stack", "determinism")
 
 
@@ -17,11 +14,9 @@ def positive(x) -> bool:
 
 
 def test_cpu_smoke_runs_every_section(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env = script_env(JAX_PLATFORMS="cpu")
     env.pop("MINIGPT_TEST_GPU", None)
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu-smoke",
-                        "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = run_script("benchmarks.gpu_check", "--cpu-smoke", "--out", tmp_path, env=env, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["mode"] == "cpu-smoke" and list(report["sections"]) == list(SECTIONS)

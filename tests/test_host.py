@@ -14,7 +14,7 @@ def test_listed_gpus_become_the_visible_ones_renumbered():
 def test_indices_that_do_not_exist_are_left_out():
     r = host.restrict_gpus([1, 2, 3, 4, 5], {}, cuda=True, count=4)
     assert r.env["CUDA_VISIBLE_DEVICES"] == "1,2,3" and r.index == {1: 0, 2: 1, 3: 2}
-    # none exists: every GPU stays visible (SPEC), and the caller maps nothing
+    # none exists: every GPU stays visible (docs/spec.md), and the caller maps nothing
     none = host.restrict_gpus([7, 9], {}, cuda=True, count=4)
     assert "CUDA_VISIBLE_DEVICES" not in none.env and none.index is None
     # the count unknown: the list is kept in ascending order, which CUDA reads up to the

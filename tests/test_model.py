@@ -76,7 +76,7 @@ def test_causality_by_gradients(tiny):
 
 
 def test_pad_key_is_an_ordinary_key_by_gradients(tiny):
-    """SPEC: the mask is causal only; a PAD in the middle is seen by every later position."""
+    """docs/spec.md, Model: the mask is causal only; a PAD in the middle is seen by every later position."""
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 50000, (1, tiny.seq_len))
     pad_at = 10

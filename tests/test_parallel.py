@@ -7,29 +7,26 @@ and the difference stays far below 1e-5 over the few steps compared.
 """
 
 import csv
-import os
-import pathlib
 import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import start_script, tiny_args
 
-from minigpt_jax import data, loop, sources
+from minigpt_jax import data, loop
 from minigpt_jax.config import Config
+from minigpt_jax.options import RunOptions
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=8"]
+TINY = tiny_args(batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def chunks():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 50000, n) for n in rng.integers(40, 200, 60)]
-    return data.prepare(sources.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
+    return data.prepare(data.from_arrays(seqs, "test"), Config(seq_len=32, val_fraction=0.1, seed=0))
 
 
 def losses(rows):
@@ -39,8 +36,8 @@ def losses(rows):
 def test_mesh_of_four_equals_one_device(tmp_path, chunks, monkeypatch):
     c = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=8, dropout=0.0)
     devs = jax.devices()[:4]
-    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, tmp_path / "a", max_steps=5)
-    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, tmp_path / "b", max_steps=5)
+    one = loop.run_experiment(loop.Experiment("one", c, devs[:1]), chunks, RunOptions(out=tmp_path / "a", max_steps=5))
+    four = loop.run_experiment(loop.Experiment("four", c, devs), chunks, RunOptions(out=tmp_path / "b", max_steps=5))
     assert one.status == four.status == "ok"
     assert four.state_devices == set(devs) and four.device == "cpu:0-3"
     np.testing.assert_allclose(losses(four.rows), losses(one.rows), rtol=RTOL)
@@ -62,25 +59,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(*args, devices: int):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "run.py"), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-
-
 def metrics(out):
     return [(int(r["step"]), int(r["tokens"]), float(r["loss"]))
             for r in csv.DictReader(open(out / "metrics_baseline.csv"))]
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-    common = ["--experiments", "baseline", "--max-steps", 4, "--data-parallel", *TINY, "--set", "ckpt_every=2"]
-    single = run(*common, "--out", tmp_path / "single", devices=4)
+    common = ["--experiments", "baseline", "--max-steps", 4, "--data-parallel", *TINY,
+              "--set", "ckpt_every=2"]
+    single = start_script("run.py", *common, "--out", tmp_path / "single", devices=4)
     out_single = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out_single[-2000:]
     port = free_port()
-    procs = [run(*common, "--out", tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}",
-                 "--num-processes", 2, "--process-id", i, devices=2) for i in (0, 1)]
+    procs = [start_script("run.py", *common, "--out", tmp_path / "multi",
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                          "--process-id", i, devices=2) for i in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "multi")

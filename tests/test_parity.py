@@ -3,7 +3,7 @@
 Baseline width (embed_dim 128, 4 heads, 2 layers) with the full 50257 vocabulary,
 float32 on CPU, batch 4 x seq_len 64 with PAD suffixes, a PAD in the middle, a
 leading PAD and an all-PAD row. The reference is the PyTorch project's model
-called with mask=causal_mask(L) (SPEC), compared at every position, PAD or not.
+called with mask=causal_mask(L) (docs/spec.md), compared at every position, PAD or not.
 Tolerances are the issue's; the measured differences are printed (pytest -s)
 so a regression shows how far it moved.
 """

@@ -1,7 +1,7 @@
 """The fast paths compute what the plain ones do: eval per row, K steps in one
 dispatch, bf16, prefetch. The fused head itself is tested in test_losses.py.
 
-Speed itself is measured by scripts/bench.py (BENCHMARKS.md), never here.
+Speed itself is measured by `python -m benchmarks.bench` (BENCHMARKS.md), never here.
 """
 
 import jax

@@ -227,3 +227,109 @@ def test_infinite_values_render_instead_of_crashing(tmp_path):
     assert "inf" in (tmp_path / "results_table.txt").read_text()
     row = next(csv.DictReader(open(tmp_path / "results_table.csv")))
     assert row["train_loss"] == "inf" and row["steps"] == "7"
+
+
+# --- several seeds -------------------------------------------------------------------------
+
+def test_seeds_are_drawn_as_a_mean_with_a_min_max_band(tmp_path):
+    runs = [fake_run(seed=s, final=5.2 + 0.1 * s) for s in range(3)]
+    figs = plots.seeds_figures("baseline", runs)
+    assert set(figs) == {"loss_curve_baseline.png", "perplexity_curve_baseline.png"}
+    ax = figs["loss_curve_baseline.png"].axes[0]
+    assert "3 seeds" in ax.get_title(loc="left")
+    (band,) = ax.collections[:1]  # fill_between: the smoothed curves' min to max
+    edge = band.get_paths()[0].vertices[:, 1]
+    smoothed = np.array([plots.smooth([r["loss"] for r in rows]) for rows, _ in runs])
+    assert edge.max() == pytest.approx(smoothed.max()) and edge.min() == pytest.approx(
+        smoothed.min())
+    assert smoothed.max(axis=0)[-1] - smoothed.min(axis=0)[-1] > 0.15  # seeds end 0.1 apart
+    mean_line = ax.get_lines()[1]
+    np.testing.assert_allclose(mean_line.get_ydata(), smoothed.mean(axis=0), rtol=1e-9)
+    labels = [t.get_text() for lg in ax.get_children() if isinstance(lg, Legend)
+              for t in lg.get_texts()]
+    assert "band: min to max over seeds" in labels
+    assert "validation loss, mean (bars: min to max)" in labels
+    # one seed: exactly today's figure
+    one = plots.seeds_figures("baseline", runs[:1])["loss_curve_baseline.png"].axes[0]
+    today = plots.experiment_figures("baseline", *runs[0])["loss_curve_baseline.png"].axes[0]
+    assert [t.get_text() for t in one.get_legend().get_texts()] == \
+        [t.get_text() for t in today.get_legend().get_texts()]
+    assert one.get_ylim() == today.get_ylim()
+    paths = plots.plot_seeds(tmp_path, "baseline", runs)
+    paths += plots.plot_comparison(tmp_path, {"baseline": runs, "lr_1e-3": [fake_run(seed=9)]})
+    for path in paths:
+        assert matplotlib.image.imread(path).shape[:2] == (600, 960)
+
+
+def test_comparison_bands_experiments_with_several_seeds_only():
+    runs = [fake_run(seed=s, final=5.2 + 0.1 * s) for s in range(3)]
+    ax = plots.comparison_figures({"baseline": runs, "wide": fake_run(seed=5)})[
+        "loss_curves.png"].axes[0]
+    assert len(ax.collections) >= 1  # baseline's band (and its validation bars)
+    legends = [[t.get_text() for t in c.get_texts()] for c in ax.get_children()
+               if isinstance(c, Legend)]
+    assert ["baseline (3 seeds)", "wide"] in legends
+    assert any("band: min to max over seeds" in lg for lg in legends)
+    single = plots.comparison_figures({"baseline": [runs[0]]})["loss_curves.png"].axes[0]
+    same = plots.comparison_figures({"baseline": runs[0]})["loss_curves.png"].axes[0]
+    assert single.get_ylim() == same.get_ylim() and not single.collections
+
+
+def seeded_results():
+    from tests.test_stats import BASE, WORSE, seeded
+    return seeded("baseline", BASE) + seeded("n_layers_1", WORSE)
+
+
+def test_several_seeds_add_a_seed_column_and_one_summary_row_per_experiment(tmp_path):
+    from scipy import stats as sps
+
+    from tests.test_stats import BASE, WORSE
+    results = seeded_results()
+    tables.write_results(tmp_path, results)
+    with open(tmp_path / "results_table.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == (tables.RESULT_FIELDS + ("seed",) + tables.SUMMARY_FIELDS)
+    runs, summary = rows[:6], rows[6:]
+    assert [r["seed"] for r in runs] == ["42", "43", "44"] * 2
+    assert all(r["seeds"] == "" for r in runs) and [r["experiment"] for r in summary] == [
+        "baseline", "n_layers_1"]
+    base, other = summary
+    assert base["seeds"] == "3" and float(base["val_loss_mean"]) == pytest.approx(np.mean(BASE))
+    assert float(base["val_loss_std"]) == pytest.approx(np.std(BASE, ddof=1))
+    assert float(base["val_loss_ci95"]) == pytest.approx(
+        sps.t.ppf(0.975, 2) * sps.sem(BASE))
+    assert base["delta_val_loss"] == base["p_value"] == ""  # the reference
+    assert float(other["p_value"]) == pytest.approx(sps.ttest_rel(WORSE, BASE).pvalue)
+    assert float(other["delta_val_loss"]) == pytest.approx(np.mean(np.subtract(WORSE, BASE)))
+    assert float(other["train_loss_mean"]) == pytest.approx(
+        np.mean([tables.row(r)["train_loss"] for r in results[3:]]))
+    txt = (tmp_path / "results_table.txt").read_text()
+    assert "Over seeds:" in txt and "val ±ci95" in txt and "p" in txt.split("Over seeds")[1]
+    assert not (tmp_path / "lr_sensitivity.csv").exists()
+
+
+def test_one_seed_tables_are_todays_byte_for_byte(tmp_path):
+    from tests.test_stats import BASE, seeded
+    results = seeded("baseline", BASE[:1]) + seeded("n_layers_1", BASE[1:2])
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    tables.write_results(tmp_path / "new", results)
+    tables.write_results_table(tmp_path / "old", [tables.row(r) for r in results])
+    for f in ("results_table.txt", "results_table.csv"):
+        assert (tmp_path / "new" / f).read_bytes() == (tmp_path / "old" / f).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "results_table.csv", "results_table.txt"]
+
+
+def test_an_lr_sweep_adds_its_sensitivity(tmp_path):
+    from tests.test_stats import TINY, seeded
+    results = [r for lr, v in ((5e-4, [6.9, 7.0]), (1e-3, [6.4, 6.5]), (2e-3, [6.5, 6.4]))
+               for r in seeded(f"lr_{lr:g}", v, TINY.replace(lr=lr))]
+    paths = tables.write_results(tmp_path, results)
+    assert [p.name for p in paths][-1] == "lr_sensitivity.csv"
+    (row,) = csv.DictReader(open(tmp_path / "lr_sensitivity.csv"))
+    assert row["lrs"] == "0.0005 0.001 0.002" and row["seeds"] == "2" and row["best_lr"] == "0.001"
+    want = np.mean([np.mean([6.9, 6.4, 6.5]) - 6.4, np.mean([7.0, 6.5, 6.4]) - 6.4])
+    assert float(row["lr_sensitivity"]) == pytest.approx(want)
+    assert "LR sensitivity (Wortsman et al. 2023)" in (tmp_path / "results_table.txt").read_text()

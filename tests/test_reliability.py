@@ -10,7 +10,6 @@ no signal, kill -9, NaN or failure loses or corrupts what was already computed.
 """
 
 import csv
-import importlib.util
 import os
 import pathlib
 import random
@@ -18,17 +17,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import TINY, load_script, run_script, start_script
 
 torch = pytest.importorskip("torch")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4",
-        "--set", "eval_every=2", "--set", "ckpt_every=2"]
 STEPS = 16  # of the straight run every interrupted run is compared with
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 
@@ -49,21 +45,13 @@ def base_args(data_folder, steps=STEPS, experiments="baseline"):
     return ["--experiments", experiments, "--data", str(data_folder), *TINY, "--max-steps", str(steps)]
 
 
-def command(args):
-    return [sys.executable, str(REPO / "scripts" / "run.py"), *map(str, args)]
-
-
-def run(args, timeout=600):
-    return subprocess.run(command(args), capture_output=True, text=True, cwd=REPO, timeout=timeout)
-
-
 class Started:
     """run.py in the background, its output going to a log file."""
 
     def __init__(self, args, log: pathlib.Path):
         self.log = log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(command(args), stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = start_script("run.py", *args, stdout=f)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -141,7 +129,7 @@ def assert_outputs_whole(out: pathlib.Path, aborted: bool = False):
 def straight(tmp_path_factory, data_folder):
     """The uninterrupted run every interrupted one must equal."""
     out = tmp_path_factory.mktemp("straight")
-    r = run([*base_args(data_folder), "--out", out])
+    r = run_script("run.py", *base_args(data_folder), "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(metrics(out)) == STEPS
     return out
@@ -245,10 +233,7 @@ def run_py():
     import jax
 
     jax.devices()  # start JAX before output is captured
-    spec = importlib.util.spec_from_file_location("run_py_under_test", REPO / "scripts" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run")
 
 
 def snapshot(path: pathlib.Path):
@@ -319,7 +304,7 @@ def test_bad_input_in_a_subprocess(case, tmp_path, data_folder, straight):
     (where a failed tensorstore read used to print dozens of tracebacks)."""
     argv, message, out, marker = prepare(case, tmp_path, data_folder, straight)
     before = snapshot(out)
-    r = run(argv)
+    r = run_script("run.py", *argv)
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]), r.stderr[-3000:]
@@ -353,7 +338,7 @@ def test_kill_9_then_resume_equals_the_straight_run(when, tmp_path, data_folder,
         shutil.copytree(ckpt / str(steps[-1]), fake)
         (fake / "commit_success.txt").unlink()
         damage_state_data(fake)
-    r = run([*args, "--resume"])
+    r = run_script("run.py", *args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"baseline: resuming at step {steps[-1]} from " in r.stderr
     assert metrics(out) == metrics(straight)
@@ -385,7 +370,7 @@ def test_sigterm_saves_and_stops_every_running_experiment_then_resume_continues(
     assert not (out / "metrics_n_layers_1.csv").exists() and not (out / "checkpoints" / "n_layers_1").exists()
     assert_outputs_whole(out)
 
-    r = run([*base_args(data_folder), "--out", out, "--resume"])
+    r = run_script("run.py", *base_args(data_folder), "--out", out, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"baseline: resuming at step {table['baseline']['steps']} from " in r.stderr
     assert metrics(out) == metrics(straight)
@@ -421,8 +406,8 @@ def test_nan_stops_that_experiment_keeps_its_last_good_checkpoint_and_the_others
     from minigpt_jax import checkpoint
 
     out = tmp_path / "out"
-    r = run([*base_args(data_folder, steps=10, experiments="baseline,lr_1e-3"), "--devices", "1,2",
-             "--set", "lr=1", "--set", "weight_decay=30", "--out", out])
+    r = run_script("run.py", *base_args(data_folder, steps=10, experiments="baseline,lr_1e-3"),
+                   "--devices", "1,2", "--set", "lr=1", "--set", "weight_decay=30", "--out", out)
     assert r.returncode == 1, r.stderr[-3000:]  # one experiment failed
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     m = re.search(r"baseline +failed: baseline: non-finite loss at step (\d+)", r.stderr)
@@ -450,3 +435,22 @@ def test_nan_stops_that_experiment_keeps_its_last_good_checkpoint_and_the_others
               "loss_curves.png", "results_table.txt"):
         assert (out / f).is_file(), f
     assert_outputs_whole(out)
+
+
+def test_kill_9_a_stack_of_seeds_then_resume_equals_the_straight_run(tmp_path, data_folder):
+    """--seeds 2 trains the seeds as one stack: killed after a checkpoint, --resume continues
+    both seeds from it, exactly."""
+    seeded = [*base_args(data_folder, steps=8), "--seeds", "2"]
+    r = run_script("run.py", *seeded, "--out", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    job = Started([*seeded, "--out", out], tmp_path / "killed.log")
+    job.wait_for("checkpoint 4", lambda: (out / "checkpoints" / "baseline_seed43" / "4").is_dir())
+    job.proc.kill()
+    assert job.finish() == -signal.SIGKILL, "run.py ended before the kill: nothing was tested"
+    r = run_script("run.py", *seeded, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "baseline_seed42: resuming at step" in r.stderr
+    for name in ("baseline_seed42", "baseline_seed43"):
+        assert metrics(out, name) == metrics(tmp_path / "straight", name)
+    assert metrics(out, "baseline_seed42") != metrics(out, "baseline_seed43")

@@ -6,11 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY, run_script
 
-from minigpt_jax import data, evaluation, report, tables
+from minigpt_jax import comparisons, data, evaluation, report, tables
 from minigpt_jax.config import Config, num_params
 from minigpt_jax.loop import Result
-from tests.test_run import TINY, data_folder, run  # noqa: F401 (data_folder: a fixture)
+from tests.test_run import data_folder  # noqa: F401 (a fixture)
 
 SECTIONS = ["## 1. Model", "## 2. Data", "## 3. Training setup and experiments", "## 4. Results"]
 
@@ -86,8 +87,10 @@ def test_observations_rank_compare_at_equal_tokens_and_name_the_failure(page):
     obs = text.split("### Observations")[1].split("###")[0]
     # no standard error on these made-up results: the ranking must not claim an order
     assert "`wide` reached the lowest validation loss, 5.5000 (perplexity 244.69)" in obs
-    assert "Ranking by validation loss (≈: within noise): `wide` ≈ `baseline`." in obs
-    assert "no standard error to test it against" in obs
+    assert "`wide` ≈ `baseline`." in obs
+    assert ("`wide` is 0.7000 below `baseline` in final validation loss, untested: no standard"
+            " error to test it against.") in obs
+    assert "Each experiment ran one seed" in obs  # the seed-to-seed spread is not measured
     assert "`broken` did not finish: failed: broken: non-finite loss at step 4 after 3 steps" in obs
     assert "`broken` diverged" in obs and "`baseline` diverged" not in obs
     gap = 6.2 - tables.row(page[1][0])["train_loss"]
@@ -99,9 +102,9 @@ def test_observations_rank_compare_at_equal_tokens_and_name_the_failure(page):
     # broken reached the fewest tokens, 300: baseline's 3rd step (a 3-step window over a straight
     # line is the line), wide's 1st (its own value), broken's last (3 rows are not smoothed)
     base = 10.0 - 4.0 * 2 / 19
-    assert (f"At 300 tokens seen (the most every experiment reached), the smoothed train loss was"
+    assert (f"At 300 tokens seen (the most every run reached), the smoothed train loss was"
             f" `baseline` {base:.4f}, `wide` 10.0000, `broken` 15.0000: `baseline` lowest,"
-            f" {15.0 - base:.4f} below `broken`.") in obs
+            f" {15.0 - base:.4f} below `broken` (one seed per experiment: not tested") in obs
 
 
 def test_only_existing_images_are_linked_and_the_html_beside_it(page):
@@ -126,8 +129,9 @@ def table_rows(out):
 def test_run_writes_a_report_whose_numbers_are_the_runs(tmp_path, data_folder):  # noqa: F811
     """Two experiments; baseline diverges (lr 1, weight decay 30, as in test_reliability)."""
     out = tmp_path / "out"
-    r = run("--experiments", "baseline,lr_1e-3", "--devices", "1,2", "--max-steps", 8, "--data",
-            data_folder, "--out", out, *TINY, "--set", "lr=1", "--set", "weight_decay=30")
+    r = run_script("run.py", "--experiments", "baseline,lr_1e-3", "--devices", "1,2",
+                   "--max-steps", 8, "--data", data_folder, "--out", out, *TINY, "--set", "lr=1",
+                   "--set", "weight_decay=30")
     assert r.returncode == 1, r.stderr[-3000:]
     text = (out / "report.md").read_text()
     assert all(s in text for s in SECTIONS)
@@ -161,15 +165,14 @@ def test_run_writes_a_report_whose_numbers_are_the_runs(tmp_path, data_folder): 
 def test_bad_arguments_write_no_report(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    r = run("--out", out, "--set", "lr=fast")
+    r = run_script("run.py", "--out", out, "--set", "lr=fast")
     assert r.returncode == 2 and not (out / "report.md").exists() and not list(out.iterdir())
 
 
 def test_data_statistics_keep_the_counts_not_the_segments():
-    from minigpt_jax import sources
 
     rng = np.random.default_rng(0)
-    seqs = sources.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
+    seqs = data.from_arrays([rng.integers(0, 50000, n) for n in (40, 100, 300, 20, 64)], "made up")
     a = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
     results = [fake_result("a", a, [10.0]), fake_result("b", a.replace(lr=1e-3), [10.0]),
                fake_result("c", a.replace(seq_len=64), [10.0])]
@@ -182,7 +185,7 @@ def test_data_statistics_keep_the_counts_not_the_segments():
         assert (stats[name].label_tokens, stats[name].pad_share) == (full.label_tokens, full.pad_share)
 
 
-def test_ranking_says_within_noise_under_two_standard_errors():
+def test_ranking_says_within_noise_when_the_held_out_test_does_not_resolve_it():
     tiny = Config(embed_dim=32, n_heads=2, seq_len=32, batch_size=4)
     a = fake_result("a", tiny, np.linspace(10.0, 6.0, 20), val=5.50)
     b = fake_result("b", tiny, np.linspace(10.0, 6.0, 20), val=5.52)
@@ -190,11 +193,16 @@ def test_ranking_says_within_noise_under_two_standard_errors():
     for r in (a, b, c):
         r.final_eval = evaluation.Evaluation(r.val_rows[-1]["val_loss"], 1.0, 5000, 100, 0.02)
     rows = {r.name: tables.row(r) for r in (a, b, c)}
-    notes = " ".join(report.ranking([a, b, c], rows))
-    # a-b: 0.02 apart < 2 * hypot(0.02, 0.02) = 0.057: tied; b-c: 0.38 apart: ordered
-    assert "`a` ≈ `b` < `c`" in notes and "Within noise, so not ordered by this run: `a` and `b`" in notes
+    notes = " ".join(comparisons.ranking([a, b, c], rows))
+    # no per-segment losses: unpaired, se hypot(0.02, 0.02); a-b 0.02 apart: p 0.48, tied;
+    # b-c 0.38 apart: ordered, with its interval and p-value
+    assert "`a` ≈ `b` < `c`" in notes
+    assert ("`a` and `b` differ by -0.0200 in final validation loss (a − b: 95% CI -0.0754 to +0.0354,"
+            " p = 0.480; two unpaired standard errors: different held-out segments): within the"
+            " held-out sample's noise.") in notes
     assert "over 5,000 held-out label tokens (100 segments), standard error 0.0200" in notes
-    assert "`b` and `c`" not in notes
+    assert ("`b` is lower (better) than `c` by 0.3800 in final validation loss (b − c: 95% CI -0.4354 to"
+            " -0.3246, p < 0.001;") in notes
 
 
 def test_setup_shows_where_the_time_went(tmp_path):

@@ -2,24 +2,12 @@
 
 import csv
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import TINY, run_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4",
-        "--set", "eval_every=2", "--set", "ckpt_every=2"]
 NAMES = ["baseline", "lr_1e-3", "batch_size_16", "n_layers_1", "embed_dim_64"]
-
-
-def run(*args, script="run.py", timeout=900, devices=6):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +23,19 @@ def data_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, data_folder):
     out = tmp_path_factory.mktemp("out")
-    r = run("--devices", "1,2,3,4,5", "--max-steps", 3, "--data", data_folder, "--out", out, *TINY)
+    r = run_script("run.py", "--devices", "1,2,3,4,5", "--max-steps", 3, "--data", data_folder,
+                   "--out", out, *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
 
 def test_every_output_exists(full_run):
     out, _ = full_run
-    expected = ["loss_curves.png", "perplexity_curves.png", "results_table.txt", "results_table.csv"]
+    expected = ["loss_curves.png", "perplexity_curves.png", "results_table.txt",
+                "results_table.csv"]
     for n in NAMES:
-        expected += [f"metrics_{n}.csv", f"loss_curve_{n}.png", f"perplexity_curve_{n}.png", f"mini_gpt_{n}.pt"]
+        expected += [f"metrics_{n}.csv", f"loss_curve_{n}.png", f"perplexity_curve_{n}.png",
+                     f"mini_gpt_{n}.pt"]
     missing = [f for f in expected if not (out / f).is_file()]
     assert not missing
     assert not [p for p in out.rglob("*.tmp*")], "temporary files left behind"
@@ -62,8 +53,8 @@ def test_results_table_has_five_rows_of_finite_numbers_on_their_devices(full_run
     assert [r["device"] for r in rows] == [f"cpu:{i}" for i in (1, 2, 3, 4, 5)]
     for r in rows:
         assert r["status"] == "ok" and r["steps"] == "3"
-        for k in ("parameters", "tokens", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
-                  "wall_seconds", "tokens_per_second"):
+        for k in ("parameters", "tokens", "train_loss", "train_perplexity", "val_loss",
+                  "val_perplexity", "wall_seconds", "tokens_per_second"):
             assert math.isfinite(float(r[k])), (r["experiment"], k, r[k])
     text = (out / "results_table.txt").read_text()
     assert all(n in text for n in NAMES)
@@ -97,7 +88,8 @@ def test_pt_exports_load_strictly_and_match_jax_logits(full_run):
     for name in ("baseline", "n_layers_1"):
         params, config, step = checkpoint.load_params(out / "checkpoints" / name)
         model = reference.MiniGPT.from_config(config)
-        model.load_state_dict(torch.load(out / f"mini_gpt_{name}.pt", weights_only=True), strict=True)
+        model.load_state_dict(torch.load(out / f"mini_gpt_{name}.pt", weights_only=True),
+                              strict=True)
         model.eval()
         with torch.no_grad():
             want = reference.causal_logits(model, torch.tensor(tokens)).numpy()
@@ -107,9 +99,9 @@ def test_pt_exports_load_strictly_and_match_jax_logits(full_run):
 
 def test_resume_via_cli_equals_straight_run(tmp_path, data_folder):
     args = ["--experiments", "baseline", "--data", data_folder, *TINY, "--set", "dropout=0.1"]
-    a = run(*args, "--max-steps", 6, "--out", tmp_path / "a")
-    b1 = run(*args, "--max-steps", 4, "--out", tmp_path / "b")
-    b2 = run(*args, "--max-steps", 6, "--out", tmp_path / "b", "--resume")
+    a = run_script("run.py", *args, "--max-steps", 6, "--out", tmp_path / "a")
+    b1 = run_script("run.py", *args, "--max-steps", 4, "--out", tmp_path / "b")
+    b2 = run_script("run.py", *args, "--max-steps", 6, "--out", tmp_path / "b", "--resume")
     assert a.returncode == b1.returncode == b2.returncode == 0, (a.stderr + b2.stderr)[-2000:]
 
     def metrics(out):
@@ -126,11 +118,12 @@ def test_resume_via_cli_equals_straight_run(tmp_path, data_folder):
     (["--set", "lr=fast"], "lr='fast': expected float"),
     (["--set", "seq_len=16"], "seq_len=16: must be in [32, 4096]"),
     (["--max-steps", "0"], "--max-steps 0: must be a positive integer"),
-    (["--devices", "1,x"], "--devices '1,x': 'x' is not an integer; expected indices into jax.devices()"),
+    (["--devices", "1,x"],
+     "--devices '1,x': 'x' is not an integer; expected indices into jax.devices()"),
     (["--only", "nope"], "unknown experiment 'nope'; valid: baseline, lr_1e-3"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
-    r = run("--out", tmp_path / "out", *args)
+    r = run_script("run.py", "--out", tmp_path / "out", *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
@@ -140,41 +133,45 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
 def test_inspect_export_import_scripts(full_run, tmp_path):
     pytest.importorskip("torch")
     out, _ = full_run
-    r = run(out / "checkpoints" / "baseline", script="inspect_checkpoint.py")
+    r = run_script("inspect_checkpoint.py", out / "checkpoints" / "baseline")
     assert r.returncode == 0, r.stderr
     assert "step        3" in r.stdout and "head.kernel" in r.stdout and "(32, 50257)" in r.stdout
     assert "second moment (nu)" in r.stdout and "on disk" in r.stdout
-    r = run(out / "checkpoints" / "baseline", tmp_path / "x.pt", script="export_state_dict.py")
+    r = run_script("export_state_dict.py", out / "checkpoints" / "baseline", tmp_path / "x.pt")
     assert r.returncode == 0, r.stderr
-    r = run(tmp_path / "x.pt", tmp_path / "ckpt", "--n-heads", "2", script="import_state_dict.py")
+    r = run_script("import_state_dict.py", tmp_path / "x.pt", tmp_path / "ckpt", "--n-heads", "2")
     assert r.returncode == 0, r.stderr
-    r = run(tmp_path / "ckpt", tmp_path / "y.pt", script="export_state_dict.py")
+    r = run_script("export_state_dict.py", tmp_path / "ckpt", tmp_path / "y.pt")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "x.pt").read_bytes() != b""
     import torch
 
     a, b = torch.load(tmp_path / "x.pt"), torch.load(tmp_path / "y.pt")
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    r = run(tmp_path / "nothing", script="inspect_checkpoint.py")
+    r = run_script("inspect_checkpoint.py", tmp_path / "nothing")
     assert r.returncode == 2 and "no such checkpoint folder" in r.stderr
 
 
 @pytest.mark.parametrize("n_devices, used", [(1, [0, 0]), (3, [1, 2])])
-def test_devices_that_do_not_exist_are_left_out_with_a_notice(tmp_path, data_folder, n_devices, used):
+def test_devices_that_do_not_exist_are_left_out_with_a_notice(tmp_path, data_folder, n_devices,
+                                                              used):
     """Their rule: listed indices that do not exist are dropped; none left, every device."""
-    r = run("--devices", "1,2,3,4,5", "--experiments", "baseline,lr_1e-3", "--max-steps", 1,
-            "--data", data_folder, "--out", tmp_path, *TINY, devices=n_devices)
+    r = run_script("run.py", "--devices", "1,2,3,4,5", "--experiments", "baseline,lr_1e-3",
+                   "--max-steps", 1, "--data", data_folder, "--out", tmp_path, *TINY,
+                   devices=n_devices)
     assert r.returncode == 0, r.stderr[-2000:]
     kept = sorted(set(used))
     notice = [line for line in r.stderr.splitlines() if line.startswith("run.py: --devices")]
     assert notice == [f"run.py: --devices 1,2,3,4,5: {n_devices} cpu device(s) found, no index"
-                      f" {','.join(str(i) for i in range(n_devices, 6) if i)}; using {','.join(map(str, kept))}"]
+                      f" {','.join(str(i) for i in range(n_devices, 6) if i)};"
+                      f" using {','.join(map(str, kept))}"]
     rows = list(csv.DictReader(open(tmp_path / "results_table.csv")))
     assert [row["device"] for row in rows] == [f"cpu:{i}" for i in used]
 
 
 def test_only_runs_one_experiment_and_final_loss_is_the_last_step(tmp_path, data_folder):
-    r = run("--only", "lr_1e-3", "--max-steps", 3, "--data", data_folder, "--out", tmp_path, *TINY)
+    r = run_script("run.py", "--only", "lr_1e-3", "--max-steps", 3, "--data", data_folder,
+                   "--out", tmp_path, *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = list(csv.DictReader(open(tmp_path / "results_table.csv")))
     last = list(csv.DictReader(open(tmp_path / "metrics_lr_1e-3.csv")))[-1]

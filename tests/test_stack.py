@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, parallel, sources, stack, tables
+from minigpt_jax import checkpoint, data, loop, parallel, stack, tables
 from minigpt_jax.config import Config
+from minigpt_jax.options import RunOptions
 
 # Float32 tolerance of a stacked variant against its separate run: a vmapped matmul is another
 # kernel than a single one, so the two differ by rounding, which training carries forward.
@@ -21,7 +22,7 @@ PARAM_ATOL_LR = 0.1
 @pytest.fixture(scope="module")
 def seqs():
     rng = np.random.default_rng(0)
-    return sources.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
+    return data.from_arrays([rng.integers(0, 50000, n) for n in rng.integers(40, 300, 50)], "test")
 
 
 def small(**kw) -> Config:
@@ -44,7 +45,7 @@ def experiments(device):
 def separate(seqs, tmp_path_factory):
     """Each variant run alone, on its own data (the held-out split depends on the seed)."""
     out = tmp_path_factory.mktemp("separate")
-    return {e.name: loop.run_experiment(e, data.prepare(seqs, e.config), out, max_steps=STEPS)
+    return {e.name: loop.run_experiment(e, data.prepare(seqs, e.config), RunOptions(out=out, max_steps=STEPS))
             for e in experiments(jax.devices()[1])}
 
 
@@ -53,7 +54,7 @@ def stacked(seqs, tmp_path_factory):
     out = tmp_path_factory.mktemp("stacked")
     exps = experiments(jax.devices()[1])
     before = stack.stacked_step._cache_size()
-    results = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], out, max_steps=STEPS)
+    results = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], RunOptions(out=out, max_steps=STEPS))
     return out, results, stack.stacked_step._cache_size() - before
 
 
@@ -101,8 +102,8 @@ def test_stacked_resume_equals_straight_run(seqs, stacked, tmp_path):
     _, straight, _ = stacked
     exps = experiments(jax.devices()[1])
     preps = [data.prepare(seqs, e.config) for e in exps]
-    stack.run_stacked(exps, preps, tmp_path, max_steps=5)
-    resumed = stack.run_stacked(exps, preps, tmp_path, max_steps=STEPS, resume=True)
+    stack.run_stacked(exps, preps, RunOptions(out=tmp_path, max_steps=5))
+    resumed = stack.run_stacked(exps, preps, RunOptions(out=tmp_path, max_steps=STEPS, resume=True))
     for r, s in zip(resumed, straight):
         assert r.status == "ok"
         assert [(x["step"], x["loss"], x["tokens"]) for x in r.rows] == \
@@ -119,7 +120,7 @@ def test_a_diverging_variant_fails_alone(seqs, separate, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stack, "stacked_step", poisoned)
     exps = experiments(jax.devices()[1])
-    a, b, c = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], tmp_path, max_steps=STEPS)
+    a, b, c = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], RunOptions(out=tmp_path, max_steps=STEPS))
     assert b.status == "failed: b: non-finite loss at step 6" and b.state is None
     assert [x["step"] for x in b.rows] == [1, 2, 3, 4, 5]
     assert checkpoint.manager(checkpoint.checkpoint_dir(tmp_path, "b")).latest_step() == 4
@@ -133,8 +134,7 @@ def test_fused_blocks_match_single_steps(seqs, stacked, tmp_path):
     """The accelerator path (blocks in one dispatch, masked tail), forced on the CPU."""
     _, single, _ = stacked
     exps = experiments(jax.devices()[1])
-    fused = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], tmp_path,
-                              max_steps=STEPS, fuse=True)
+    fused = stack.run_stacked(exps, [data.prepare(seqs, e.config) for e in exps], RunOptions(out=tmp_path, max_steps=STEPS, fuse=True))
     for f, s in zip(fused, single):
         np.testing.assert_allclose([x["loss"] for x in f.rows], [x["loss"] for x in s.rows], rtol=LOSS_RTOL)
         assert [x["tokens"] for x in f.rows] == [x["tokens"] for x in s.rows]
@@ -154,25 +154,25 @@ def test_stackable_refuses_what_is_not_a_value():
     assert not ok and "cosine" in why
     with pytest.raises(ValueError, match="cannot stack: x and y differ in n_layers: 2 vs 1: different shapes"):
         stack.run_stacked([loop.Experiment("x", small(), jax.devices()[0]),
-                           loop.Experiment("y", small(n_layers=1), jax.devices()[0])], None, "unused")
+                           loop.Experiment("y", small(n_layers=1), jax.devices()[0])], None, RunOptions(out="unused"))
     with pytest.raises(ValueError, match="share one device; got x on cpu:0, y on cpu:1"):
         stack.run_stacked([loop.Experiment("x", small(), jax.devices()[0]),
-                           loop.Experiment("y", small(), jax.devices()[1])], None, "unused")
+                           loop.Experiment("y", small(), jax.devices()[1])], None, RunOptions(out="unused"))
 
 
 @pytest.mark.slow
 def test_variants_of_different_lengths_each_stop_at_their_own_end(seqs, tmp_path):
     """One epoch and two: the shorter variant is frozen at its end and equals its separate run."""
-    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+    few = data.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
                               "few")
     exps = [loop.Experiment("one", small(max_epochs=1, seed=5), jax.devices()[1]),
             loop.Experiment("two", small(max_epochs=2, seed=5, lr=1e-3), jax.devices()[1])]
     prep = data.prepare(few, exps[0].config)
     per_epoch = data.steps_per_epoch(len(prep.train), 4)
     assert 2 <= per_epoch <= 8, per_epoch
-    stacked = stack.run_stacked(exps, prep, tmp_path / "stacked")
+    stacked = stack.run_stacked(exps, prep, RunOptions(out=tmp_path / "stacked"))
     for r, e in zip(stacked, exps):
-        alone = loop.run_experiment(e, prep, tmp_path / "alone")
+        alone = loop.run_experiment(e, prep, RunOptions(out=tmp_path / "alone"))
         assert r.status == "ok" and len(r.rows) == e.config.max_epochs * per_epoch
         np.testing.assert_allclose([x["loss"] for x in r.rows], [x["loss"] for x in alone.rows], rtol=LOSS_RTOL)
         assert [x["step"] for x in r.val_rows] == [x["step"] for x in alone.val_rows]
@@ -187,8 +187,7 @@ def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_p
     exps = [a, loop.Experiment("wide", small(embed_dim=64), d1), b, loop.Experiment("c2", c.config, d2)]
     assert stack.groups(exps) == [[0, 2], [1], [3]]
     done = []
-    results = parallel.run_all(exps, lambda cfg: data.prepare(seqs, cfg), tmp_path, max_steps=2,
-                               on_result=lambda r: done.append(r.name), stack=True)
+    results = parallel.run_all(exps, lambda cfg: data.prepare(seqs, cfg), RunOptions(out=tmp_path, max_steps=2, on_result=lambda r: done.append(r.name), stack=True))
     assert [r.name for r in results] == ["a", "wide", "b", "c2"] and sorted(done) == sorted(["a", "wide", "b", "c2"])
     assert all(r.status == "ok" and len(r.rows) == 2 for r in results), [r.status for r in results]
     for r, name in ((results[0], "a"), (results[2], "b"), (results[3], "c")):
@@ -198,12 +197,12 @@ def test_run_all_stacks_what_shares_a_device_and_a_program(seqs, separate, tmp_p
 
 
 def test_what_cannot_run_as_one_stack_is_refused_before_anything_is_written(seqs, tmp_path):
-    few = sources.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
+    few = data.from_arrays([np.asarray(seqs.tokens[seqs.offsets[i]:seqs.offsets[i + 1]]) for i in range(8)],
                               "few")
     exps = [loop.Experiment(n, small(lr_schedule="cosine"), jax.devices()[0]) for n in ("x", "y")]
     preps = [data.prepare(seqs, exps[0].config), data.prepare(few, exps[0].config)]
     with pytest.raises(ValueError, match=r"optimizer programs differ \(a cosine schedule's length is static"):
-        stack.run_stacked(exps, preps, tmp_path)
+        stack.run_stacked(exps, preps, RunOptions(out=tmp_path))
     assert not (tmp_path / "checkpoints").exists()
     # a resume whose variants' checkpoints are at different steps (one was resumed alone)
     with pytest.raises(ValueError, match=r"one step \(a at step 4, b at step 8\); resume them without --stack"):

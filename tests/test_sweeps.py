@@ -3,27 +3,17 @@ options and metrics on the command line, bad values as one line."""
 
 import csv
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+from conftest import run_script, tiny_args
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4",
-        "--set", "eval_every=2", "--set", "eval_batches=2"]
-
-
-def run(*args, timeout=900):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "run.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+TINY = tiny_args(eval_every=2, eval_batches=2)
+DEVICES = 2  # simulated CPU devices of each run
 
 
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
-    """Two documents of plain English, long enough for SPEC's segmentation (>= 32 tokens)."""
+    """Two documents of plain English, long enough for the segmentation (docs/spec.md) (>= 32 tokens)."""
     folder = tmp_path_factory.mktemp("text")
     words = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun".split()
     for i in range(2):
@@ -34,9 +24,12 @@ def text_folder(tmp_path_factory):
 
 
 def test_a_2x2_sweep_over_text_writes_four_experiments(tmp_path, text_folder):
-    r = run("--data", text_folder, "--sweep", "lr=1e-3,2e-3", "--sweep", "seed=1,2", "--max-steps", 2,
-            "--out", tmp_path, "--set", "lr_schedule=cosine", "--set", "warmup_steps=1",
-            "--set", "grad_clip=1.0", "--set", "decay_params=matrices", "--set", "val_fraction=0.34", *TINY)
+    r = run_script("run.py", "--data", text_folder, "--sweep", "lr=1e-3,2e-3",
+                   "--sweep", "seed=1,2", "--max-steps", 2, "--out", tmp_path,
+                   "--set", "lr_schedule=cosine",
+                   "--set", "warmup_steps=1", "--set", "grad_clip=1.0",
+                   "--set", "decay_params=matrices", "--set", "val_fraction=0.34", *TINY,
+                   devices=DEVICES)
     assert r.returncode == 0, r.stderr[-3000:]
     names = ["lr_1e-3_seed_1", "lr_1e-3_seed_2", "lr_2e-3_seed_1", "lr_2e-3_seed_2"]
     table = list(csv.DictReader(open(tmp_path / "results_table.csv")))
@@ -83,7 +76,7 @@ def test_bad_values_of_the_new_options_are_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ".encode("latin-1") * 50)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    r = run("--out", tmp_path / "out", *args)
+    r = run_script("run.py", "--out", tmp_path / "out", *args, devices=DEVICES)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
@@ -91,8 +84,9 @@ def test_bad_values_of_the_new_options_are_one_line(tmp_path, args, message):
 
 
 def test_cosine_schedule_needs_more_steps_than_its_warmup(tmp_path, text_folder):
-    r = run("--data", text_folder, "--only", "baseline", "--max-steps", 2, "--out", tmp_path / "out",
-            "--set", "lr_schedule=cosine", "--set", "warmup_steps=5", *TINY)
+    r = run_script("run.py", "--data", text_folder, "--only", "baseline", "--max-steps", 2,
+                   "--out", tmp_path / "out", "--set", "lr_schedule=cosine",
+                   "--set", "warmup_steps=5", *TINY, devices=DEVICES)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines == ["run.py: error: baseline: warmup_steps=5: must be < the run's total steps (2)"
@@ -104,8 +98,9 @@ def test_a_stacked_sweep_equals_the_same_sweep_run_variant_by_variant(tmp_path, 
     the same per-step losses (float32 rounding: tests/test_stack.py states the bound)."""
     common = ["--data", text_folder, "--sweep", "lr=1e-3,3e-3", "--sweep", "seed=1,2", "--max-steps", 3,
               *TINY, "--set", "dropout=0.1"]
-    alone = run(*common, "--out", tmp_path / "alone")
-    stacked = run(*common, "--stack", "--out", tmp_path / "stacked")
+    alone = run_script("run.py", *common, "--out", tmp_path / "alone", devices=DEVICES)
+    stacked = run_script("run.py", *common, "--stack", "--out", tmp_path / "stacked",
+                         devices=DEVICES)
     assert alone.returncode == stacked.returncode == 0, stacked.stderr[-3000:]
     for name in ["lr_1e-3_seed_1", "lr_1e-3_seed_2", "lr_3e-3_seed_1", "lr_3e-3_seed_2"]:
         a, s = ([float(r["loss"]) for r in csv.DictReader(open(tmp_path / d / f"metrics_{name}.csv"))]

@@ -6,14 +6,10 @@ file it saves is such a file. Each accepted wrapping (DataParallel's `module.`,
 torch.compile's `_orig_mod.`, {"model": sd}, {"state_dict": sd}) goes the same way.
 """
 
-import importlib.util
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import TINY, load_script, run_script
 
 torch = pytest.importorskip("torch")
 
@@ -22,11 +18,8 @@ from minigpt_jax import checkpoint, tokenizer  # noqa: E402
 from minigpt_jax.config import PAD_TOKEN_ID  # noqa: E402
 from torch_compat import reference as ref  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # their constructor; tiny so that a resumed run takes seconds
 THEIRS = dict(vocab_size=50257, seq_len=32, embed_dim=32, n_heads=2, n_layers=2)
-TINY = ["--set", "embed_dim=32", "--set", "n_heads=2", "--set", "seq_len=32", "--set", "batch_size=4",
-        "--set", "eval_every=2", "--set", "ckpt_every=2"]
 
 
 def wrappings(sd):
@@ -51,10 +44,7 @@ def their_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generate_script():
-    spec = importlib.util.spec_from_file_location("generate_script_theirs", REPO / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("generate")
 
 
 def test_each_wrapping_loads_with_the_config_from_its_shapes(their_files):
@@ -90,16 +80,14 @@ def test_import_then_resume_trains_on_from_their_weights(their_files, tmp_path):
     rng = np.random.default_rng(0)
     torch.save([torch.tensor(rng.integers(0, 50000, n)) for n in rng.integers(40, 150, 60)],
                tmp_path / "tokenized_data.pt")
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}
     ckpt = tmp_path / "out" / "checkpoints" / "baseline"
-    sets = [a for a in TINY if a != "--set" and a.split("=")[0] not in ("embed_dim", "n_heads", "seq_len")]
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "import_state_dict.py"), str(files["module."]),
-                        str(ckpt), "--n-heads", "2", *[x for s in sets for x in ("--set", s)]],
-                       capture_output=True, text=True, env=env, timeout=600)
+    sets = [a for a in TINY if a != "--set"
+            and a.split("=")[0] not in ("embed_dim", "n_heads", "seq_len")]
+    r = run_script("import_state_dict.py", files["module."], ckpt, "--n-heads", "2",
+                   *[x for s in sets for x in ("--set", s)], devices=1, timeout=600)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "run.py"), "--only", "baseline", "--resume",
-                        "--max-steps", "2", "--data", str(tmp_path), "--out", str(tmp_path / "out"), *TINY],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = run_script("run.py", "--only", "baseline", "--resume", "--max-steps", "2",
+                   "--data", tmp_path, "--out", tmp_path / "out", *TINY, devices=1, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming at step 0 from {ckpt / '0'}" in r.stderr
     params, _, step = checkpoint.load_params(ckpt)

@@ -1,6 +1,7 @@
 import numpy as np
 
-from minigpt_jax import corpus, tokenizer
+from minigpt_jax import tokenizer
+from minigpt_jax.data import corpus
 
 
 def test_hello_world_is_gpt2():

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, script_env
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +28,6 @@ from torch_compat import (  # noqa: E402
 )
 from torch_compat import reference as ref  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQS = [np.arange(5, 75), np.array([7, 8, 9]), np.arange(1000, 1200), np.array([PAD_TOKEN_ID, 1, 2, 3])]
 
 
@@ -49,7 +49,8 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, torch_compat; assert 'torch' not in sys.modules, 'torch imported eagerly'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                   env=script_env(JAX_PLATFORMS="cpu"))
 
 
 def test_without_torch_each_call_says_how_to_install_it(monkeypatch, tmp_path, tiny_params):

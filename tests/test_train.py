@@ -75,7 +75,7 @@ def test_matmul_precision_is_a_config_choice_in_the_compiled_step(tiny):
 
 
 def test_golden_baseline_step(float32_matmuls):
-    """One AdamW step of the baseline (SPEC's config, its init and dropout) on a fixed batch
+    """One AdamW step of the baseline (docs/spec.md's config, init and dropout) on a fixed batch
     whose last 16 positions are PAD. If a change is meant to move these numbers (the model,
     the init, the loss, the optimizer), check it against PyTorch (tests/test_parity.py), then
     update EXPECTED from this test's failure message."""

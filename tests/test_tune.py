@@ -5,7 +5,6 @@ PostgreSQL server, and a worker killed mid-trial, in subprocesses on a tiny mode
 import contextlib
 import csv
 import glob
-import importlib.util
 import os
 import pathlib
 import pwd
@@ -13,30 +12,22 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import types
 
 import pytest
+from conftest import load_script, run_script, start_script
 
 optuna = pytest.importorskip("optuna")
 
 from minigpt_jax import tune  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"embed_dim": 16, "n_heads": 2, "n_layers": 1, "seq_len": 32, "batch_size": 4,
         "eval_every": 2, "eval_batches": 2, "eval_final_batches": 4}
 SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 COMPLETE, PRUNED, RUNNING, FAIL, WAITING = (optuna.trial.TrialState[s] for s in (
     "COMPLETE", "PRUNED", "RUNNING", "FAIL", "WAITING"))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("tune_script", REPO / "scripts" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- the space, in process ---------------------------------------------------
@@ -111,7 +102,7 @@ def test_budget_counts_finished_and_running_and_orders_concurrent_askers():
 ])
 def test_cli_refuses_bad_input(tmp_path, capsys, args, facts):
     out = tmp_path / "out"
-    assert load_script().main([*args, "--out", str(out), *SETS]) == 2
+    assert load_script("tune").main([*args, "--out", str(out), *SETS]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tune.py: error: ") and "\n" not in err, err
     for fact in facts:
@@ -124,7 +115,7 @@ def test_cli_refuses_a_study_with_another_space(tmp_path, capsys):
     storage = tune.open_storage(None, out)
     tune.open_study(storage, "tune", {"base": "baseline", "overrides": TINY, "max_steps": None,
                                       "space": {"lr": "log:0.0001:0.01"}}, None, None)
-    assert load_script().main(["--space", "lr=log:1e-4:1e-1", "--out", str(out), *SETS]) == 2
+    assert load_script("tune").main(["--space", "lr=log:1e-4:1e-1", "--out", str(out), *SETS]) == 2
     err = capsys.readouterr().err.strip()
     assert "--study tune: exists with another space" in err and "\n" not in err
     assert not (out / tune.TRIALS).exists()
@@ -149,13 +140,8 @@ def args_for(out, data, *extra, steps=6):
             "--out", str(out), "--max-steps", str(steps), *SETS, *map(str, extra)]
 
 
-def env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_NUM_CPU_DEVICES": "2"}
-
-
-def tune_cmd(*args, timeout=600):
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "tune.py"), *args],
-                       capture_output=True, text=True, cwd=REPO, env=env(), timeout=timeout)
+def tune_cmd(*args):
+    r = run_script("tune.py", *args, devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -195,8 +181,7 @@ def test_study_prunes_a_hopeless_trial_and_its_best_command_reproduces(tmp_path,
     cmd = shlex.split((out / "tune_best_command.txt").read_text())
     assert cmd[:2] == ["python", "scripts/run.py"] and cmd[-2] == "--out"
     again = tmp_path / "again"
-    rr = subprocess.run([sys.executable, *cmd[1:-1], str(again)], capture_output=True,
-                        text=True, cwd=REPO, env=env(), timeout=600)
+    rr = run_script("run.py", *cmd[2:-1], str(again), devices=2)
     assert rr.returncode == 0, rr.stderr[-3000:]
     (result,) = read_rows(again / "results_table.csv")
     assert float(result["val_loss"]) == pytest.approx(float(best["value"]), abs=1e-6)
@@ -235,8 +220,8 @@ def test_two_workers_share_one_study(tmp_path, text_data, kind):
 def mid_trial(args, number):
     """A worker started on args, once trial `number` has reported two evaluations to the study
     (the metrics files are flushed only at checkpoints: the storage is the live view)."""
-    p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "tune.py"), *args], cwd=REPO,
-                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = start_script("tune.py", *args, devices=2, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
     db = pathlib.Path(args[args.index("--out") + 1]) / "study.db"
     deadline = time.monotonic() + 300
     while True:

@@ -1,4 +1,4 @@
-"""The users' PyTorch data (.pt) -> minigpt_jax.sources.Sequences (flat int32 tokens, offsets).
+"""The users' PyTorch data (.pt) -> minigpt_jax.data.Sequences (flat int32 tokens, offsets).
 
 - Two formats, told apart by content so any file name works: `tokenized_data.pt`,
   a list of 1-D integer tensors (one per document), and `sample_dataset.pt`, a
@@ -7,7 +7,7 @@
   first, then `sample_dataset.pt`.
 - Files are read with torch.load(weights_only=True) (see pt_io): a .pt never runs code.
 - No NumPy work per sequence: lengths come from numel, tokens from one torch.cat
-  per group of tensors, range-checked (minigpt_jax.sources, the same rule as
+  per group of tensors, range-checked (minigpt_jax.data.sequences, the same rule as
   every other source) before the int32 cast; errors are DataError, one line
   naming the file, the sequence, the position and the value.
 - load_sequences, read_tokenized_data and read_sample_dataset keep the older
@@ -24,15 +24,17 @@ from typing import Any
 import numpy as np
 
 from minigpt_jax.config import VOCAB_SIZE
-from minigpt_jax.sources import (  # noqa: F401  (DATA_FILES and the names: kept importable here)
+from minigpt_jax.data.readers import (  # noqa: F401  (kept importable from here)
     DATA_FILES,
     SAMPLE_DATASET,
     TOKENIZED_DATA,
+    find_data_file,
+)
+from minigpt_jax.data.sequences import (
     DataError,
     Sequences,
     check_nonempty,
     check_range,
-    find_data_file,
     offsets_from_lengths,
 )
 from torch_compat.pt_io import load_pt, require_torch

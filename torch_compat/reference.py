@@ -1,4 +1,4 @@
-"""The PyTorch project's model.py, written by us from the SPEC: the yardstick for parity.
+"""The PyTorch project's model.py, written by us from docs/spec.md: the yardstick for parity.
 
 - Same classes, attribute names and constructor as theirs: `MiniGPT(vocab_size,
   seq_len, embed_dim=128, n_heads=4, n_layers=2, ffn_mult=4, dropout=0.1)` with
@@ -11,7 +11,7 @@
   (`scores.masked_fill(mask == 0, -inf)`, mask broadcastable to (B, H, L, L)).
   Their training loop never passed one; minigpt_jax always applies a causal
   mask, so parity is defined against `model(ids, mask=causal_mask(L))`.
-- Dropout on the attention probabilities in training mode, as the SPEC's model
+- Dropout on the attention probabilities in training mode, as docs/spec.md's model
   (their code stored `dropout` but never applied it: `dropout=0` reproduces it).
 - PyTorch's default initializers, exact erf GELU, LayerNorm eps 1e-5, `head`
   without bias and not tied to `embed`.

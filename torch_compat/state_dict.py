@@ -1,4 +1,4 @@
-"""Flax params <-> PyTorch state dicts with the SPEC's names and shapes.
+"""Flax params <-> PyTorch state dicts with docs/spec.md's names and shapes.
 
 - One explicit table maps each contract key to its Flax path; one transpose
   rule: a Flax Dense `kernel` (in, out) is a torch Linear `weight` (out, in).
@@ -24,9 +24,9 @@ import pathlib
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minigpt_jax.config import SEQ_MIN, Config, ConfigError
 from minigpt_jax.files import atomic_path
@@ -76,12 +76,8 @@ def _is_kernel(flax_path: tuple[str, ...]) -> bool:
 
 
 def _flat_params(params: Mapping) -> dict[tuple[str, ...], Any]:
-    if set(params) == {"params"}:  # accept the variables dict too
-        params = params["params"]
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat[tuple(str(getattr(k, "key", k)) for k in path)] = leaf
-    return flat
+    """{Flax path: array} of a params tree, or of the variables dict {"params": tree}."""
+    return flatten_dict(params["params"] if set(params) == {"params"} else params)
 
 
 def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
@@ -98,7 +94,7 @@ def config_from_params(params: Mapping, n_heads: int = 4) -> Config:
 
 
 def _make_config(V, D, n_heads, n_layers, ffn_mult, seq_len, source) -> Config:
-    # SPEC's data rule needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
+    # the segmentation rule (docs/spec.md) needs seq_len >= SEQ_MIN; a shorter table still loads, under "chunks"
     segmentation = "pytorch" if seq_len >= SEQ_MIN else "chunks"
     try:
         return Config(vocab_size=V, embed_dim=D, n_heads=n_heads, n_layers=n_layers,
@@ -217,16 +213,11 @@ def from_state_dict(state_dict: Mapping, config: Config | None = None, n_heads: 
             f" n_layers={config.n_layers}, ffn_mult={config.ffn_mult}, seq_len={config.seq_len}): "
             + "; ".join(p for p in problems if p)
         )
-    params: dict = {}
+    flat = {}
     for key, path, _ in rows:
         a = tensor_to_numpy(sd[key], float32=True)
-        if _is_kernel(path):
-            a = np.ascontiguousarray(a.T)
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = jnp.asarray(a)
-    return params, config
+        flat[path] = jnp.asarray(np.ascontiguousarray(a.T) if _is_kernel(path) else a)
+    return unflatten_dict(flat), config
 
 
 def save_state_dict(params: Mapping, path: str | os.PathLike, config: Config | None = None) -> pathlib.Path:
@@ -256,7 +247,7 @@ def load_params(path: str | os.PathLike, config: Config | None = None, n_heads: 
 
 def read_numpy_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A .pt/.bin state dict (torch.load, weights_only) as {key: NumPy array}, for readers that
-    take NumPy (minigpt_jax.hf.load's read_bin: a Hugging Face pytorch_model.bin)."""
+    take NumPy (minigpt_jax.data.Readers.bin: a Hugging Face pytorch_model.bin)."""
     sd = unwrap(load_state_dict_file(path))
     torch = require_torch(f"reading {path}")
     bad = [str(k) for k, v in sd.items() if not torch.is_tensor(v)]
