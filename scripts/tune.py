@@ -195,11 +195,11 @@ def main(argv=None) -> int:
             return fail(str(e))
     if args.worker:
         return 130 if stop.is_set() else 0
-    from minigpt_jax.tune import outputs as tune_report
+    from minigpt_jax.tune import outputs
 
     data = (["--data", args.data] if args.data is not None else []) + (
         ["--text-docs", args.text_docs] if args.text_docs != "file" else [])
-    paths = tune_report.write_outputs(c["out"], study, c["trials"], data)
+    paths = outputs.write_outputs(c["out"], study, c["trials"], data)
     print(f"tune.py: study {args.study}: {c['out']}/tune_trials.txt, report.md, "
           f"{len(paths)} files", file=sys.stderr)
     best = c["out"] / "tune_best_command.txt"
