@@ -17,6 +17,7 @@ import time
 import types
 
 import pytest
+import sqlalchemy
 from conftest import load_script, run_script, start_script
 
 optuna = pytest.importorskip("optuna")
@@ -227,8 +228,11 @@ def mid_trial(args, number):
     while True:
         assert p.poll() is None and time.monotonic() < deadline, f"trial {number} never went"
         time.sleep(0.2)
-        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError, OSError):
-            trials = load_study(f"sqlite:///{db}").get_trials() if db.exists() else []
+        if not (db.parent / "trials" / str(number)).exists():  # the study's tables are made
+            continue
+        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError, OSError,
+                                 sqlalchemy.exc.OperationalError):  # a write in progress
+            trials = load_study(f"sqlite:///{db}").get_trials()
             if len(trials) > number and len(trials[number].intermediate_values) >= 2:
                 return p
 
