@@ -85,7 +85,7 @@ def ranking(results: Sequence, rows: Mapping[str, dict], reference: str | None =
     over = (f" over {fe.tokens:,} held-out label tokens ({fe.segments:,} segments), standard"
             f" error {_f(fe.stderr, '.4f')}" if fe is not None else "")
     notes = [f"`{best.name}` reached the lowest validation loss, {b['val_loss']:.4f}"
-             f" (perplexity {b['val_perplexity']:,.2f}){over}."]
+             f" (perplexity {_f(b['val_perplexity'], ',.2f')}){over}."]  # diverged: "-"
     if len(ranked) == 1:
         return notes
     order, said = [f"`{best.name}`"], []
