@@ -30,15 +30,13 @@ import sys
 import tempfile
 import time
 
+from minigpt_jax import cli
 from minigpt_jax import config as cfg
 from minigpt_jax.options import RunOptions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.bench_harness",
-                                description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("benchmarks.bench_harness", __doc__)
     p.add_argument("--steps", type=int, default=200,
                    help="training steps per measurement (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=28_000_000,

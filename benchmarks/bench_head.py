@@ -13,7 +13,6 @@ to check that a change kept the CPU step's speed. Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import sys
@@ -24,8 +23,8 @@ import numpy as np
 
 from benchmarks import benchlib
 from benchmarks.contenders import compiled_step
+from minigpt_jax import cli, host, losses, train
 from minigpt_jax import config as cfg
-from minigpt_jax import host, losses, train
 
 
 def time_steps(runs: dict, batches, rng, rounds: int, steps: int) -> dict:
@@ -63,8 +62,7 @@ def load_reference(path: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.bench_head",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.parser("benchmarks.bench_head", __doc__)
     p.add_argument("--kinds", default="corpus,dense", help="batch kinds (bench.py's): %(default)s")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds: %(default)s")
     p.add_argument("--steps", type=int, default=3, help="steps per contender per round")

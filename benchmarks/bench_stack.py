@@ -23,16 +23,14 @@ import pathlib
 import sys
 import time
 
+from minigpt_jax import cli
 from minigpt_jax import config as cfg
 
 BLOCK = 10  # steps between metric reads (loop.BLOCK), and per fused dispatch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.bench_stack",
-                                description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("benchmarks.bench_stack", __doc__)
     p.add_argument("--steps", type=int, default=10,
                    help="timed steps per variant, a multiple of 10 (default: %(default)s)")
     p.add_argument("--n", default="1,2,4,8", help="variant counts (default: %(default)s)")

@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 
+from minigpt_jax import cli
 from minigpt_jax import config as cfg
 from minigpt_jax.files import atomic_path
 
@@ -28,17 +29,14 @@ GPU_PEAKS = {"H100 SXM": (989.0, 495.0), "H100 PCIe": (756.0, 378.0), "H200": (9
 # --- arguments ---------------------------------------------------------------------------
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A parser whose description is doc's first paragraph and epilog the rest."""
-    first, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(prog=prog, description=first, epilog=rest,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A parser whose description is doc's first paragraph and epilog the rest (cli.parser)."""
+    return cli.parser(prog, doc)
 
 
 def add_common(p: argparse.ArgumentParser, set_help: str = "override a config field, e.g."
                " --set seq_len=128; repeatable") -> None:
     """--set KEY=VALUE (repeatable) and --out FILE, which every benchmark takes."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=set_help)
+    cli.add_overrides(p, set_help)
     p.add_argument("--out", default="BENCHMARKS.md",
                    help="markdown file whose generated section (between bench markers) is"
                         " rewritten (default: %(default)s)")
@@ -46,8 +44,7 @@ def add_common(p: argparse.ArgumentParser, set_help: str = "override a config fi
 
 def fail(prog: str, message: str) -> None:
     """Bad input: one line naming the culprit, exit code 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(cli.error(prog, message))
 
 
 def command_line(prog: str, argv: list[str] | None) -> str:

@@ -23,14 +23,11 @@ import json
 import math
 import sys
 
+from minigpt_jax import cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("evaluate.py", __doc__)
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -64,15 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="at most N batches of a seeded sample; 0 = every segment (default: the"
         " config's eval_final_batches)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config fields that decide the split and batches (seed, val_fraction,"
-        " segmentation, batch_size, ...); seq_len only for a Hugging Face folder",
-    )
+    cli.add_overrides(p, "config fields that decide the split and batches (data_seed,"
+                      " val_fraction, segmentation, batch_size, ...); seq_len only for a Hugging"
+                      " Face folder")
     p.add_argument(
         "--n-heads",
         type=int,
@@ -117,8 +108,7 @@ def main(argv=None) -> int:
             desc=None if args.json else "evaluating",
         )
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("evaluate.py", str(e))
     if args.json:
         figures = {
             k: (v if math.isfinite(v) else None) for k, v in e.as_dict().items()

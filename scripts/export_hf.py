@@ -12,10 +12,11 @@ export (which is replaced). Exit codes: 0 written; 2 bad input, nothing written.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shlex
 import sys
+
+from minigpt_jax import cli
 
 
 def card(checkpoint: pathlib.Path, argv) -> dict:
@@ -33,12 +34,7 @@ def card(checkpoint: pathlib.Path, argv) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(
-        prog="export_hf.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("export_hf.py", __doc__)
     p.add_argument("checkpoint", help="an Orbax experiment or step folder, or a .pt state dict")
     p.add_argument("out", help="the Hugging Face folder to write, e.g. /tmp/hf")
     p.add_argument(
@@ -62,8 +58,7 @@ def main(argv=None) -> int:
         params, config, _ = trained.load(path, readers=torch_compat.readers(args.n_heads))
         out = hf.export(params, config, args.out, card(path, argv))
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
-        print(f"export_hf.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("export_hf.py", str(e))
     print(
         f"wrote {out}: GPT2LMHeadModel, n_layer {config.n_layers}, n_embd {config.embed_dim},"
         f" n_head {config.n_heads}, n_positions {config.seq_len}"

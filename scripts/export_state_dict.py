@@ -8,14 +8,14 @@ weights_only=True), strict=True)`; its keys are docs/spec.md's State dict.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
+from minigpt_jax import cli
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="export_state_dict.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.parser("export_state_dict.py", __doc__)
     p.add_argument("checkpoint", help="outcome/checkpoints/<name> or one of its step folders")
     p.add_argument("out", help="the .pt file to write")
     args = p.parse_args(argv)
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
         path = torch_compat.save_state_dict(params, args.out, config)
     except (checkpoint.CheckpointError, torch_compat.StateDictError, torch_compat.TorchMissingError,
             OSError) as e:
-        print(f"export_state_dict.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("export_state_dict.py", str(e))
     print(f"wrote {path}: step {step}, embed_dim {config.embed_dim}, n_layers {config.n_layers},"
           f" n_heads {config.n_heads}")
     return 0

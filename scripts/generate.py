@@ -21,16 +21,12 @@ import math
 import pathlib
 import sys
 
+from minigpt_jax import cli
 from minigpt_jax.config import VOCAB_SIZE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="generate.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("generate.py", __doc__)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="an Orbax experiment folder (outcome/checkpoints/<name>: its latest step),"
                         " one of its step folders, a Hugging Face GPT-2 folder, or a PyTorch"
@@ -53,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fail(message: str) -> None:
-    print(f"generate.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(cli.error("generate.py", message))
 
 
 def check(args: argparse.Namespace) -> None:

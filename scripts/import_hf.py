@@ -12,30 +12,20 @@ state: scripts/generate.py samples from it and `run.py --resume` with its config
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
+from minigpt_jax import cli
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="import_hf.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = cli.parser("import_hf.py", __doc__)
     p.add_argument("hf_dir", help="a local Hugging Face GPT-2 folder")
     p.add_argument(
         "checkpoint", help="the experiment folder to write, e.g. outcome/checkpoints/gpt2"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="seq_len (positions kept) and training fields for the checkpoint's config"
-        " (lr, batch_size, dropout, ...); the model's shape comes from HF_DIR",
-    )
+    cli.add_overrides(p, "seq_len (positions kept) and training fields for the checkpoint's"
+                      " config (lr, batch_size, dropout, ...); the model's shape comes from HF_DIR")
     args = p.parse_args(argv)
 
     import torch_compat
@@ -65,8 +55,7 @@ def main(argv=None) -> int:
             checkpoint.progress_record(),
         )
     except (ValueError, ImportError, OSError) as e:  # the library's one-line errors
-        print(f"import_hf.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("import_hf.py", str(e))
     for note in notes:
         print(f"adapted: {note}")
     print(

@@ -12,21 +12,20 @@ training from these weights, and scripts/generate.py samples from them.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
+from minigpt_jax import cli
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="import_state_dict.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.parser("import_state_dict.py", __doc__)
     p.add_argument("state_dict", help="the .pt file to read (loaded with weights_only=True)")
     p.add_argument("checkpoint",
                    help="the experiment folder to write, e.g. outcome/checkpoints/imported")
     p.add_argument("--n-heads", type=int, default=4,
                    help="attention heads of the model (default: 4)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="training fields for the checkpoint's config (lr, batch_size, ...)")
+    cli.add_overrides(p, "training fields for the checkpoint's config (lr, batch_size, ...)")
     args = p.parse_args(argv)
 
     import torch_compat
@@ -45,8 +44,7 @@ def main(argv=None) -> int:
         checkpoint.save(checkpoint.manager(out), state, config, checkpoint.progress_record())
     except (cfg.ConfigError, checkpoint.CheckpointError, torch_compat.StateDictError,
             torch_compat.TorchMissingError, OSError) as e:
-        print(f"import_state_dict.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("import_state_dict.py", str(e))
     print(f"wrote {out}/0: embed_dim {config.embed_dim}, n_layers {config.n_layers},"
           f" n_heads {config.n_heads}, vocab_size {config.vocab_size}")
     return 0

@@ -9,10 +9,11 @@ checkpoint as minigpt_jax.checkpoint lays it out (checkpoint.read_saved).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+
+from minigpt_jax import cli
 
 
 def human(n: float) -> str:
@@ -23,8 +24,7 @@ def human(n: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.parser("inspect_checkpoint.py", __doc__)
     p.add_argument("path", help="outcome/checkpoints/<name> or outcome/checkpoints/<name>/<step>")
     args = p.parse_args(argv)
 
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     try:
         saved = read_saved(pathlib.Path(args.path))
     except CheckpointError as e:
-        print(f"inspect_checkpoint.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("inspect_checkpoint.py", str(e))
     state = saved.state
     size = sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
 

@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt_jax import cli
 from minigpt_jax import config as cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="prepare_data.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("prepare_data.py", __doc__)
     p.add_argument("path", metavar="PATH", help="the data, as run.py --data takes it")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write sequences.bin into")
     p.add_argument("--vocab-size", type=int, default=cfg.VOCAB_SIZE,
@@ -51,8 +47,7 @@ def main(argv=None) -> int:
                          cache=False)
         file = data.write_prepared(seqs, args.out_dir)
     except (data.DataError, ImportError) as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.error("prepare_data.py", str(e))
     except OSError as e:
         print(f"prepare_data.py: error: {args.out_dir}: cannot write ({e.strerror or e});"
               " expected a writable folder", file=sys.stderr)

@@ -31,16 +31,14 @@ import signal
 import sys
 import threading
 
+from minigpt_jax import cli, runner
 from minigpt_jax import config as cfg
-from minigpt_jax import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]  # the default --out is its outcome/
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("run.py", __doc__)
     add = p.add_argument
     add("--experiments", metavar="A,B,...", help="experiments to run (default: all: "
         + ",".join(cfg.EXPERIMENTS) + "; with --sweep: baseline)")
@@ -56,9 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--text-docs", default="file", metavar="file|block", help="with .txt data: a document per"
         " file, or per blank-line-separated block (default: %(default)s)")
     add("--out", default=str(REPO / "outcome"), help="output folder (default: outcome/)")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, repeatable (docs/options.md); keys: "
-        + ", ".join(cfg.field_names()))
+    cli.add_overrides(p, "override a config field, repeatable (docs/options.md); keys: "
+                      + ", ".join(cfg.field_names()))
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="run every value"
         " of KEY (repeatable: the grid), named as the PyTorch project does: lr_1e-3")
     add("--stack", action="store_true", help="train experiments that share a device and differ"
@@ -85,11 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--resume", action="store_true", help="continue each experiment from its latest"
         " checkpoint under --out (same config and data); those without one start fresh")
     return p.parse_args(argv)
-
-
-def fail(message: str) -> int:
-    print(f"run.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv=None) -> int:
@@ -123,7 +115,7 @@ def main(argv=None) -> int:
             command=shlex.join(["scripts/run.py", *(sys.argv[1:] if argv is None else argv)]))
         runner.check(opts, plan)
     except (cfg.ConfigError, ValueError) as e:  # RunError is a ValueError
-        return fail(str(e))
+        return cli.error("run.py", str(e))
     # Before JAX starts: keep it off the GPUs --devices does not list, preallocating nothing.
     restriction = host.restrict_gpus(devices, os.environ, host.cuda_installed(), host.gpu_count())
     os.environ.update(restriction.env)
@@ -140,7 +132,7 @@ def main(argv=None) -> int:
         results = runner.execute(plan, opts.replace(gpu_index=restriction.index))
     except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
             ImportError) as e:  # the library's one-line errors: bad input
-        return fail(str(e))
+        return cli.error("run.py", str(e))
     except KeyboardInterrupt:
         # Leave now: every output commits by a rename; --resume cuts a torn metrics row
         print("\nrun.py: aborted; the checkpoints saved so far are kept (--resume continues"

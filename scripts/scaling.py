@@ -20,11 +20,11 @@ import os
 import pathlib
 import sys
 
+from minigpt_jax import cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.parser("scaling.py", __doc__)
     add = p.add_argument
     add("--widths", default="16,32,64", help="embed_dim of each shape, comma-separated")
     add("--depths", default="1,2", help="n_layers of each shape, comma-separated")
@@ -42,16 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--data", help="training data, as run.py --data (default: the embedded corpus)")
     add("--out", default="outcome/scaling", help="output folder (default: outcome/scaling)")
     add("--devices", help="indices into jax.devices() for the runs, as run.py --devices")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="config override for every run, repeatable (e.g. --set batch_size=16)")
-    add("--seed", help="shorthand for --set seed=S (initialisation, data order, split)")
+    cli.add_overrides(p, "config override for every run, repeatable (e.g. --set batch_size=16)")
+    add("--seed", help="shorthand for --set seed=S (initialisation, data order, dropout)")
     add("--resamples", default="200", help="bootstrap resamples for the intervals (default 200)")
     return p.parse_args(argv)
-
-
-def fail(message: str) -> int:
-    print(f"scaling.py: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv=None) -> int:
@@ -87,7 +81,7 @@ def main(argv=None) -> int:
                 devices = placement.device_indices(args.devices)
             summary = scaling.run_study(study, args.out, data=args.data, devices=devices)
     except ValueError as e:  # ScalingError, FitError, RunError, ConfigError, DataError...
-        return fail(str(e))
+        return cli.error("scaling.py", str(e))
     print(f"scaling.py: alpha {summary['alpha']['value']:.3g}, beta {summary['beta']['value']:.3g};"
           f" report in {args.out}/report.md", file=sys.stderr)
     for w in summary["warnings"]:

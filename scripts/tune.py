@@ -28,16 +28,14 @@ import subprocess
 import sys
 import threading
 
+from minigpt_jax import cli, runner, tune
 from minigpt_jax import config as cfg
-from minigpt_jax import runner, tune
 
 REPO = pathlib.Path(__file__).resolve().parents[1]  # the default --out is under its outcome/
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tune.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("tune.py", __doc__)
     add = p.add_argument
     add("--space", action="append", default=[], metavar="KEY=SPEC", help="a searched config"
         " field, repeatable: KEY=log:LOW:HIGH (log-uniform), KEY=LOW:HIGH (uniform; integers for"
@@ -46,8 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         " many workers share it (default: %(default)s)")
     add("--only", default="baseline", metavar="NAME", help="the base experiment the trials vary"
         " (default: %(default)s; valid: " + ", ".join(cfg.EXPERIMENTS) + ")")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="fix a config field for every trial, repeatable (docs/options.md)")
+    cli.add_overrides(p, "fix a config field for every trial, repeatable (docs/options.md)")
     add("--seed", metavar="S", help="shorthand for --set seed=S (the runs' seed)")
     add("--sampler", default="tpe", choices=tune.SAMPLERS, help="tpe (default): Optuna's TPE;"
         " qmc: scrambled Sobol points, for exploring; random")
@@ -77,11 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-steps", metavar="N", help="stop each trial after N steps (default: max_epochs)")
     add("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --devices
     return p.parse_args(argv)
-
-
-def fail(message: str) -> int:
-    print(f"tune.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def check(args) -> dict:
@@ -178,7 +170,7 @@ def main(argv=None) -> int:
             for point in c["enqueue"]:
                 study.enqueue_trial(point, skip_if_exists=True)
     except (cfg.ConfigError, ValueError) as e:  # TuneError and RunError are ValueErrors
-        return fail(str(e))
+        return cli.error("tune.py", str(e))
     stop = threading.Event()
     code = 0
     if c["devices"] is not None and len(c["devices"]) > 1 and not args.worker:
@@ -192,7 +184,7 @@ def main(argv=None) -> int:
             work_here(args, c, study, stop)
         except (cfg.ConfigError, data.DataError, checkpoint.CheckpointError, ValueError,
                 ImportError) as e:  # bad input the first trial found (its trial is queued again)
-            return fail(str(e))
+            return cli.error("tune.py", str(e))
     if args.worker:
         return 130 if stop.is_set() else 0
     from minigpt_jax.tune import outputs
