@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from minigpt_jax import checkpoint, data, evaluation, metrics
 from minigpt_jax.config import PAD_TOKEN_ID, Config
+from minigpt_jax.experiment import Experiment, Result
 from minigpt_jax.host import any_process, sync
 from minigpt_jax.options import RunOptions
 from minigpt_jax.placement import Placement
@@ -60,60 +61,6 @@ TRAIN_FIELDS = {"tokens": "train/tokens", "loss": "train/loss", "perplexity": "t
                 "lr": "train/lr", "grad_norm": "train/grad_norm", "seconds": "train/seconds",
                 "elapsed": "train/elapsed"}  # CSV column -> tag
 VAL_FIELDS = {"tokens": "val/tokens", "val_loss": "val/loss", "val_perplexity": "val/perplexity"}
-
-
-@dataclasses.dataclass
-class Experiment:
-    name: str
-    config: Config
-    devices: tuple  # one device, or several for data parallelism
-    overrides: str = ""  # human-readable overrides, for the results table
-    params: object = None  # initial parameters (e.g. imported from Hugging Face); None: fresh
-    data_id: str = ""  # the data's fingerprint (data.Sequences), recorded in checkpoints
-    experiment: str = ""  # the experiment this run is one seed of ("": the run is the experiment)
-
-    def __post_init__(self):  # the one check that the batch splits over the devices
-        if isinstance(self.devices, jax.Device):
-            self.devices = (self.devices,)
-        self.devices = tuple(self.devices)
-        if self.config.batch_size % len(self.devices):
-            raise ValueError(f"{self.name}: batch_size={self.config.batch_size} is not divisible by"
-                             f" the {len(self.devices)} data-parallel devices")
-
-    @property
-    def label(self) -> str:
-        return Placement(self.devices).label
-
-
-@dataclasses.dataclass
-class Result:
-    name: str
-    config: Config
-    device: str
-    rows: list[dict]  # per step (read back from metrics_<name>.csv): step, tokens, loss, ...
-    val_rows: list[dict]  # per evaluation: step, tokens, val_loss, val_perplexity
-    seconds: float  # wall time of this invocation (training, evaluation and checkpoints)
-    status: str = "ok"  # ok | stopped at step k | failed: reason
-    overrides: str = ""
-    state_devices: frozenset = frozenset()  # devices holding the final train state
-    state: object = None  # the final TrainState (for exports and in-process callers)
-    final_eval: evaluation.Evaluation | None = None  # the end-of-run held-out evaluation
-    phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (compile, train, ...)
-    stacked: int = 1  # variants trained in one program with this one
-    experiment: str = ""
-
-    @property
-    def steps(self) -> int:
-        return int(self.rows[-1]["step"]) if self.rows else 0
-
-    @property
-    def tokens(self) -> int:
-        return int(self.rows[-1]["tokens"]) if self.rows else 0
-
-    @property
-    def final_loss(self) -> float | None:
-        """The last step's loss (the PyTorch project's final_loss)."""
-        return float(self.rows[-1]["loss"]) if self.rows else None
 
 
 def block_end(step: int, total: int, c: Config) -> int:
