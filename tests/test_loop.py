@@ -44,6 +44,7 @@ def key(rows):
             for r in rows]
 
 
+@pytest.mark.slow
 def test_experiments_live_on_their_own_devices_at_once(tmp_path, prep):
     devs = jax.devices()
     assert len(devs) >= 4, "conftest sets JAX_NUM_CPU_DEVICES=6"
@@ -74,6 +75,7 @@ def test_resume_equals_straight_run(tmp_path, prep):
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
 
 
+@pytest.mark.slow
 def test_resume_cuts_the_metrics_back_to_the_checkpoint(tmp_path, prep):
     """Rows written after the checkpoint a run resumes from are not kept twice."""
     exp = loop.Experiment("baseline", small(ckpt_every=4), jax.devices()[0])
@@ -180,6 +182,7 @@ def test_block_boundaries_depend_only_on_absolute_step():
     assert loop.block_end(0, 1000, small(eval_every=4, ckpt_every=0)) == 4  # 0: by the clock only
 
 
+@pytest.mark.slow
 def test_fused_blocks_match_single_steps_and_resume_at_block_boundaries(tmp_path, prep):
     """The accelerator path (blocks in one dispatch; a short last block masked), forced on the
     CPU."""
@@ -264,6 +267,7 @@ def test_a_failing_writer_stops_with_one_line(tmp_path, prep, monkeypatch, capfd
     assert [row["step"] for row in r.rows][:4] == [1, 2, 3, 4]  # the metrics are kept
 
 
+@pytest.mark.slow
 def test_a_stopped_cosine_run_resumes_on_the_same_schedule(tmp_path, prep):
     """The schedule's length is the run's: a resumed run rebuilds it from the same total."""
     import threading

@@ -97,6 +97,7 @@ def test_fused_head_equals_full_logits_loss_and_gradients(tiny, monkeypatch, pat
         assert rel <= 1e-5, f"{jax.tree_util.keystr(key)}: gradient relative difference {rel:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_head_skips_pad_labels_exactly(tiny, monkeypatch, path):
     """PAD-labelled rows get no gradient; a batch without labels: loss 0, zero grads."""
@@ -166,6 +167,7 @@ def _collectives(compiled_hlo: str) -> list[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_sharded_head_equals_one_device_and_gathers_no_rows(tiny, monkeypatch, path):
     """On a 4-device "data" mesh each device runs the head on its own rows: the same loss and

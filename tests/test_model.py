@@ -66,6 +66,7 @@ def _embedding_jacobian(c, tokens, t):
     return np.abs(np.asarray(g)).sum(-1)
 
 
+@pytest.mark.slow
 def test_causality_by_gradients(tiny):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 50000, (1, tiny.seq_len)), jnp.int32)
@@ -89,6 +90,7 @@ def test_pad_key_is_an_ordinary_key_by_gradients(tiny):
         assert (dep[t + 1:] == 0).all()
 
 
+@pytest.mark.slow
 def test_no_nan_for_all_pad_row_and_leading_pad(tiny):
     params = init_params(tiny, jax.random.key(0))
     rows = np.full((3, tiny.seq_len), PAD_TOKEN_ID, np.int32)

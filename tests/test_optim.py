@@ -68,6 +68,7 @@ def test_default_update_equals_optax_adamw_exactly(params):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_gradient_adam_sees(params):
     """Clipped updates on raw gradients equal unclipped updates on gradients scaled to norm <= 1."""
     key1, key2 = jax.random.split(jax.random.key(1))
@@ -178,6 +179,7 @@ def _apply(*args):
     raise AssertionError("not called")
 
 
+@pytest.mark.slow
 def test_with_hyperparams_stacks_lrs_for_vmap(params):
     tx = optim.make_optimizer(Config())
     states = jax.vmap(lambda lr: optim.with_hyperparams(tx.init(params), lr))(

@@ -7,6 +7,7 @@ Speed itself is measured by `python -m benchmarks.bench` (BENCHMARKS.md), never 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_losses import (  # one batch recipe for the head's and the step's tests
     _full_logits_loss,
     _tokens,
@@ -31,6 +32,7 @@ def test_eval_step_equals_full_logits_loss(tiny):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_steps_equal_single_steps(tiny):
     """K steps in one dispatch: the same per-step metrics, dropout keys and final parameters."""
     c = tiny.replace(dropout=0.2, lr=1e-2)
@@ -65,6 +67,7 @@ def test_fused_steps_equal_single_steps(tiny):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_loss(tiny):
     tiny = tiny.replace(lr=1e-2)
     c16 = tiny.replace(dtype="bfloat16")

@@ -78,6 +78,7 @@ def test_generate_script_continues_from_their_file_as_their_model_would(their_fi
         assert (code, out, err) == (0, want + "\n", ""), name
 
 
+@pytest.mark.slow
 def test_import_then_resume_trains_on_from_their_weights(their_files, tmp_path):
     model, files = their_files
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from minigpt_jax import tokenizer
 from minigpt_jax.data import corpus
@@ -13,6 +14,7 @@ def test_decode_inverts_encode():
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_default_corpus_is_deterministic_capped_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     built = corpus.build_default_corpus(4096)
