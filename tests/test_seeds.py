@@ -97,3 +97,21 @@ def test_stacked_seeds_equal_seeds_run_apart_and_share_their_held_out_set(both):
     assert first.final_eval.tokens == second.final_eval.tokens  # on the same held-out segments
     np.testing.assert_array_equal(first.final_eval.per_segment[:, 1],
                                   second.final_eval.per_segment[:, 1])
+
+
+@pytest.mark.slow
+def test_one_seed_is_the_plain_run_number_for_number(tmp_path):
+    """--seeds 1 is the run without it: the experiment's own name, unstacked, and the same
+    losses and final evaluation as the driver gives that config directly."""
+    import jax
+
+    from minigpt_jax import loop
+
+    [r] = runner.run(["baseline"], overrides=SMALL, seeds=1, max_steps=4, out=tmp_path / "a")
+    assert (r.name, r.experiment, r.stacked) == ("baseline", "", 1)
+    seqs = runner.load_data(None, [r.config.vocab_size])
+    plain = loop.run_experiment(loop.Experiment("baseline", r.config, jax.devices()[0]),
+                                data.prepare(seqs, r.config),
+                                RunOptions(out=tmp_path / "b", max_steps=4))
+    assert [x["loss"] for x in r.rows] == [x["loss"] for x in plain.rows]
+    assert r.final_eval.loss == plain.final_eval.loss
