@@ -176,9 +176,7 @@ def main(argv=None) -> int:
             f" {100 * h['periodic_eval'] / h['steady']:.1f}% | {h['fixed']:.1f} s |"
             f" {h['final_eval']:.2f} s |")
     lines += ["<!-- bench:end harness -->"]
-    benchlib.write_section(pathlib.Path(args.out), lines)
-    print("\n".join(lines))
-    return 0
+    return benchlib.publish(args.out, lines)
 
 
 if __name__ == "__main__":

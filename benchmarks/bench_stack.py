@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
@@ -189,9 +188,7 @@ def main(argv=None) -> int:
                        " target (8 stacked >= 4x 8 separate on an H100) needs this benchmark run"
                        " there.")]
     lines += ["<!-- bench:end stack -->"]
-    benchlib.write_section(pathlib.Path(args.out), lines)
-    print("\n".join(lines))
-    return 0
+    return benchlib.publish(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,13 @@ def section_marks(name: str) -> tuple[str, str]:
     return f"<!-- bench:begin {name} -->", f"<!-- bench:end {name} -->"
 
 
+def publish(path, lines: list[str]) -> int:
+    """A benchmark's section into its markdown file (`write_section`) and onto stdout -> 0."""
+    write_section(pathlib.Path(path), lines)
+    print("\n".join(lines))
+    return 0
+
+
 def write_section(path: pathlib.Path, lines: list[str]) -> None:
     """Put lines (which start and end with one section's marks) in place of that section's
     old text, or append them; the rest of the file is kept. Written atomically."""

@@ -84,6 +84,17 @@ def read_weights(hf_dir: pathlib.Path, readers: Readers = Readers()) -> dict[str
     )
 
 
+def refuse_shape(overrides: Mapping[str, Any], source: str, expected: str) -> None:
+    """config.ConfigError when `overrides` set a field of the model's shape, which comes from
+    `source` (a checkpoint, a Hugging Face folder); `expected` says what --set may hold."""
+    from minigpt_jax.config import ConfigError
+
+    shape = sorted(set(overrides) & set(SHAPE_FIELDS))
+    if shape:
+        raise ConfigError(f"--set {shape[0]}: the model's shape comes from {source};"
+                          f" expected {expected}")
+
+
 def is_hf_folder(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / "config.json").is_file()
 

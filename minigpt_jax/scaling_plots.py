@@ -37,10 +37,8 @@ def tokens_figure(rows, key, s, curves) -> Figure:
         ax.plot([r["D"] for r in pts], [r["loss"] for r in pts], "o", color=colour,
                 label=f"{shape} (N={n:.3g})")
         ax.plot(grid, law.loss(_constants(s), n, grid), "-", color=colour)
-    ax.set(xscale="log", xlabel="training tokens D", ylabel="held-out loss (nats)",
-           title="Loss against tokens: runs (points) and the fitted law (lines)")
-    ax.legend(fontsize="small")
-    return fig
+    return _finish(fig, ax, "training tokens D",
+                   "Loss against tokens: runs (points) and the fitted law (lines)")
 
 
 def params_figure(rows, key, s) -> Figure:
@@ -55,8 +53,13 @@ def params_figure(rows, key, s) -> Figure:
         ax.plot([r[key] for r in pts], [r["loss"] for r in pts], "o", color=f"C{i % 10}",
                 label=f"D = {d:.3g}")
         ax.plot(grid, law.loss(_constants(s), grid, d), "-", color=f"C{i % 10}")
-    ax.set(xscale="log", xlabel=f"N ({key})", ylabel="held-out loss (nats)",
-           title="Loss against model size at each budget: runs and the fitted law")
+    return _finish(fig, ax, f"N ({key})",
+                   "Loss against model size at each budget: runs and the fitted law")
+
+
+def _finish(fig: Figure, ax, xlabel: str, title: str) -> Figure:
+    """A loss-against-x figure's log x axis, labels and legend."""
+    ax.set(xscale="log", xlabel=xlabel, ylabel="held-out loss (nats)", title=title)
     ax.legend(fontsize="small")
     return fig
 

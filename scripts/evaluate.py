@@ -87,12 +87,7 @@ def main(argv=None) -> int:
                 f"--max-batches {args.max_batches}: must be >= 0 (0 = every segment)"
             )
         overrides = cfg.parse_overrides(args.overrides)
-        shape = sorted(set(overrides) & set(hf.SHAPE_FIELDS))
-        if shape:
-            raise cfg.ConfigError(
-                f"--set {shape[0]}: the model's shape comes from the checkpoint;"
-                " expected fields that decide the split and batches"
-            )
+        hf.refuse_shape(overrides, "the checkpoint", "fields that decide the split and batches")
         readers = torch_compat.readers(args.n_heads)
         params, config, notes = trained.load(
             args.checkpoint, readers=readers, seq_len=overrides.pop("seq_len", None)

@@ -36,12 +36,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.checkpoint)
     try:
         overrides = cfg.parse_overrides(args.overrides)
-        shape = sorted(set(overrides) & set(hf.SHAPE_FIELDS))
-        if shape:
-            raise cfg.ConfigError(
-                f"--set {shape[0]}: the model's shape comes from {args.hf_dir};"
-                " expected seq_len or training fields"
-            )
+        hf.refuse_shape(overrides, args.hf_dir, "seq_len or training fields")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose a new folder")
         params, config, notes = hf.load(

@@ -330,3 +330,13 @@ def test_init_from_refuses_an_experiment_of_another_shape_before_training(run_ex
     assert not (tmp_path / "o").exists()
     with pytest.raises(hf.HFError, match="^--init-from .*nope: no such folder"):
         runner.run(["baseline"], out=tmp_path / "o", init_from=tmp_path / "nope")
+
+
+def test_a_set_of_the_models_shape_is_refused_where_the_shape_comes_from_elsewhere():
+    from minigpt_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--set embed_dim: the model's shape comes from gpt2/;"
+                       r" expected seq_len or training fields$"):
+        hf.refuse_shape({"lr": 1e-3, "n_layers": 3, "embed_dim": 8}, "gpt2/",
+                        "seq_len or training fields")
+    hf.refuse_shape({"lr": 1e-3, "seq_len": 32}, "gpt2/", "seq_len or training fields")

@@ -44,6 +44,14 @@ def _fused_loss(c, params, tokens):
     return losses.head_loss(h, params["head"]["kernel"], tokens)
 
 
+def _both_with_grads(c, params, tokens):
+    """(loss, labels) and gradients of the full-logits reference, then of the fused head; a fresh
+    jit each, so each traces again and sees the module constants a test patched."""
+    ref = jax.jit(jax.value_and_grad(lambda p: _full_logits_loss(c, p, tokens), has_aux=True))
+    fused = jax.jit(jax.value_and_grad(lambda p: _fused_loss(c, p, tokens), has_aux=True))
+    return (*ref(params), *fused(params))
+
+
 def test_loss_matches_numpy_and_ignores_pad_labels():
     rng = np.random.default_rng(0)
     V = 50257
@@ -83,12 +91,7 @@ def test_fused_head_equals_full_logits_loss_and_gradients(tiny, monkeypatch, pat
     params = init_params(tiny, jax.random.key(0))
     tokens = _tokens(tiny)
     # a fresh jit traces again, so it sees the patched module constants
-    (loss_ref, n_ref), g_ref = jax.jit(
-        jax.value_and_grad(lambda p: _full_logits_loss(tiny, p, tokens), has_aux=True)
-    )(params)
-    (loss, n), g = jax.jit(
-        jax.value_and_grad(lambda p: _fused_loss(tiny, p, tokens), has_aux=True)
-    )(params)
+    (loss_ref, n_ref), g_ref, (loss, n), g = _both_with_grads(tiny, params, tokens)
     assert int(n) == int(n_ref) == int((np.asarray(tokens)[:, 1:] != PAD_TOKEN_ID).sum())
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     for key, a in jax.tree_util.tree_leaves_with_path(g_ref):
@@ -211,12 +214,7 @@ def test_fused_head_on_gpu_equals_full_logits(tiny, monkeypatch, float32_matmuls
     gpu = jax.devices("gpu")[0]
     params = jax.device_put(init_params(tiny, jax.random.key(0)), gpu)
     tokens = jax.device_put(_tokens(tiny), gpu)
-    (loss_ref, _), g_ref = jax.jit(
-        jax.value_and_grad(lambda p: _full_logits_loss(tiny, p, tokens), has_aux=True)
-    )(params)
-    (loss, _), g = jax.jit(
-        jax.value_and_grad(lambda p: _fused_loss(tiny, p, tokens), has_aux=True)
-    )(params)
+    (loss_ref, _), g_ref, (loss, _), g = _both_with_grads(tiny, params, tokens)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     dk, dk_ref = g["head"]["kernel"], g_ref["head"]["kernel"]
     assert float(jnp.linalg.norm(dk - dk_ref) / jnp.linalg.norm(dk_ref)) <= 1e-5
