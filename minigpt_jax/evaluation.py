@@ -99,6 +99,13 @@ def evaluate(state, device_groups: Iterable, progress: tqdm | None = None) -> Ev
     return summarize(np.concatenate(sums, axis=None), np.concatenate(counts, axis=None))
 
 
+def progress(total: int, desc: str | None, position: int = 0) -> tqdm:
+    """The bar of an evaluation over `total` batches, on line `position`; hidden when desc is
+    None (a process that writes no output)."""
+    return tqdm(total=total, desc=desc, unit="batch", position=position, leave=False,
+                dynamic_ncols=True, disable=desc is None)
+
+
 def evaluate_batches(state, batches: list[np.ndarray], place, group: int,
                      progress: tqdm | None = None) -> Evaluation:
     """Evaluate `state` over host batches, `group` per dispatch; `progress` (a bar the caller

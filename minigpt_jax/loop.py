@@ -270,13 +270,15 @@ class _Run:
         (a stack: one vmapped program for all of them), at most eval_final_batches each."""
         t = time.perf_counter()
         c = self.lanes[lanes[0]].exp.config  # batch size and eval_batches: shared (stackable)
-        batches = [evaluation.final_batches(self.lanes[v].prepared.val, ln.eval_final_batches,
-                                            ln.batch_size, ln.data_seed)
-                   for v in lanes for ln in [self.lanes[v].exp.config]]
+        batches = []
+        for v in lanes:
+            lc = self.lanes[v].exp.config
+            batches.append(evaluation.final_batches(self.lanes[v].prepared.val,
+                                                    lc.eval_final_batches, lc.batch_size,
+                                                    lc.data_seed))
         name = self.lanes[lanes[0]].name if len(lanes) == 1 else f"{len(lanes)} lanes"
-        with tqdm(total=max(map(len, batches)), desc=f"{name}: final evaluation", unit="batch",
-                  position=self.position, leave=False, dynamic_ncols=True,
-                  disable=not self.lead) as bar:
+        desc = f"{name}: final evaluation" if self.lead else None
+        with evaluation.progress(max(map(len, batches)), desc, self.position) as bar:
             got = self.program.evaluate(state, lanes, batches, c.eval_batches, bar)
         seconds = (time.perf_counter() - t) / len(lanes)  # the pass's time, shared by its lanes
         for v, e in zip(lanes, got):

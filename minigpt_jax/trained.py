@@ -107,8 +107,5 @@ def score(
     state = place.put(
         create_state(config.replace(lr_schedule="constant"), params)
     )  # no schedule needed
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-              disable=desc is None) as bar:
+    with evaluation.progress(len(batches), desc) as bar:
         return evaluation.evaluate_batches(state, batches, place, config.eval_batches, bar)
